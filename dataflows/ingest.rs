@@ -1,0 +1,377 @@
+//! The ingest dataflow, as in design.md:
+//!
+//! ```text
+//! source (this worker's Kafka partitions, decoded, stamped with an epoch)
+//!   -> exchange by key group of serverId -> batch -> durable sink (COPY + watermarks)
+//!   -> probe: the durable frontier -> commit offsets of epochs behind it
+//! ```
+//!
+//! The source and the commit step run in the worker's own loop around the dataflow: the
+//! loop reads Kafka into an input handle, and reads the probe to learn what is durable.
+//!
+//! Epochs: a source closes its epoch after `--epoch-records` records or `--epoch-interval`,
+//! and may run at most `--max-epochs-in-flight` epochs ahead of the durable frontier, which
+//! bounds what is buffered (backpressure). A source with nothing to read moves its epoch up
+//! to that bound, so an idle partition never holds the frontier back.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+use timely::dataflow::operators::{Input, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+use timely::worker::Worker;
+
+use super::operators::durable_sink::WriteDurably;
+use crate::cli::{RunArgs, StartFrom};
+use crate::envelope::Envelope;
+use crate::kafka::consumer::{PartitionReader, Polled, StartOffset};
+use crate::partitioning::owned_partitions;
+use crate::record::{decode, now_ms, Limits};
+use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer};
+use crate::sink::writer::WriterSettings;
+use crate::stats::Stats;
+
+/// Messages taken from Kafka between two steps of the dataflow.
+const POLL_BUDGET: usize = 4096;
+
+/// Everything a worker needs, shared by the workers of a process.
+pub struct IngestContext {
+    pub args: RunArgs,
+    pub limits: Limits,
+    pub partitions: i32,
+    pub runtime: tokio::runtime::Handle,
+    pub stats: Arc<Stats>,
+    pub shutdown: Arc<AtomicBool>,
+    /// Identifies this run in the audit table.
+    pub run_id: String,
+}
+
+/// Runs the ingest dataflow on one worker until shutdown or, with `--exit-when-idle`, until
+/// its partitions are drained and committed.
+pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()> {
+    let (index, peers) = (worker.index(), worker.peers());
+    let args = &ctx.args;
+    let partitions = owned_partitions(index, peers, ctx.partitions);
+    let starts = resolve_starts(args, &partitions, &ctx.runtime)?;
+    tracing::info!(worker = index, ?partitions, ?starts, "worker starting");
+    let mut reader = PartitionReader::open(&args.kafka, &args.group, &starts)?;
+
+    let mut input = InputHandle::new();
+    let probe = ProbeHandle::new();
+    let settings = WriterSettings {
+        database_url: args.database.database_url.clone(),
+        topic: args.kafka.topic.clone(),
+        worker: index,
+        workers: peers,
+        audit_run: args.audit.then(|| ctx.run_id.clone()),
+    };
+    worker.dataflow::<u64, _, _>(|scope| {
+        scope
+            .input_from(&mut input)
+            .container::<Vec<Envelope>>()
+            .write_durably(
+                settings,
+                args.batch_size,
+                ctx.runtime.clone(),
+                ctx.stats.clone(),
+            )
+            .probe_with(&probe);
+    });
+
+    let mut source = Source::new(&starts);
+    let mut commits = Commits::new(Committer::spawn(
+        &ctx.runtime,
+        args.database.database_url.clone(),
+        args.kafka.topic.clone(),
+    ));
+    let mut idle_since: Option<Instant> = None;
+    let mut last_lag = (Instant::now(), 0i64);
+
+    while !ctx.shutdown.load(Ordering::Relaxed) {
+        let durable = durable_frontier(&probe);
+        commits.advance(
+            durable,
+            &mut source.closed,
+            args.commit_interval,
+            &reader,
+            false,
+        );
+        ctx.stats
+            .durable_epoch
+            .fetch_max(durable.saturating_sub(1), Ordering::Relaxed);
+
+        // Read, unless this source is as far ahead of the durable frontier as allowed.
+        let may_read = input.time() < &(durable + args.max_epochs_in_flight);
+        ctx.stats.backpressured.store(!may_read, Ordering::Relaxed);
+        let read = if may_read {
+            source.read(&mut reader, &mut input, ctx, args.epoch_records)
+        } else {
+            0
+        };
+
+        if source.in_epoch >= args.epoch_records
+            || (source.in_epoch > 0 && source.opened.elapsed() >= args.epoch_interval)
+        {
+            source.close_epoch(&mut input);
+        } else if source.in_epoch == 0 && read == 0 {
+            // Idle: stop holding the frontier back.
+            let bound = durable + args.max_epochs_in_flight - 1;
+            if *input.time() < bound {
+                input.advance_to(bound);
+            }
+        }
+
+        if last_lag.0.elapsed() >= args.report_interval {
+            if let Some(lag) = reader.lag(&source.next_offsets()) {
+                ctx.stats.lag.fetch_add(lag - last_lag.1, Ordering::Relaxed);
+                last_lag.1 = lag;
+            }
+            last_lag.0 = Instant::now();
+        }
+
+        if let Some(wait) = args.exit_when_idle {
+            let quiet = reader.all_at_end()
+                && source.in_epoch == 0
+                && source.closed.is_empty()
+                && commits.idle();
+            match (quiet, idle_since) {
+                (false, _) => idle_since = None,
+                (true, None) => idle_since = Some(Instant::now()),
+                (true, Some(since)) if since.elapsed() >= wait => break,
+                (true, Some(_)) => {}
+            }
+        }
+        worker.step_or_park(Some(if read > 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(5)
+        }));
+    }
+
+    // Close the input: the open epoch's records are already in the dataflow and get written.
+    if source.in_epoch > 0 {
+        source.close_epoch(&mut input);
+    }
+    drop(input);
+    while !probe.done() {
+        worker.step_or_park(Some(Duration::from_millis(5)));
+        commits.advance(
+            durable_frontier(&probe),
+            &mut source.closed,
+            args.commit_interval,
+            &reader,
+            false,
+        );
+    }
+    commits.advance(u64::MAX, &mut source.closed, Duration::ZERO, &reader, true);
+    while !commits.idle() {
+        std::thread::sleep(Duration::from_millis(5));
+        commits.mirror(&reader);
+    }
+    commits.mirror(&reader);
+    ctx.stats.lag.fetch_sub(last_lag.1, Ordering::Relaxed);
+    tracing::info!(
+        worker = index,
+        "worker finished; everything it read is durable and committed"
+    );
+    Ok(())
+}
+
+/// The least epoch not yet durable everywhere (u64::MAX once the dataflow is complete).
+fn durable_frontier(probe: &ProbeHandle<u64>) -> u64 {
+    probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
+}
+
+/// Where each owned partition starts: the committed offset, or `--start` on a first run.
+/// A `latest` start is pinned in the database first, so a crash before the first commit
+/// cannot move it.
+fn resolve_starts(
+    args: &RunArgs,
+    partitions: &[i32],
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<Vec<(i32, StartOffset)>> {
+    let (url, topic) = (&args.database.database_url, &args.kafka.topic);
+    let committed =
+        runtime.block_on(async { load_offsets(&crate::sink::connect(url).await?, topic).await })?;
+    let mut starts = Vec::new();
+    let mut to_pin = Vec::new();
+    for &p in partitions {
+        let start = match (committed.get(&p), args.start) {
+            (Some(next), _) => StartOffset::At(*next),
+            (None, StartFrom::Earliest) => StartOffset::Earliest,
+            (None, StartFrom::Latest) => {
+                let end = crate::kafka::admin::end_offset(&args.kafka, p)?;
+                to_pin.push((p, end));
+                StartOffset::At(end)
+            }
+        };
+        starts.push((p, start));
+    }
+    if !to_pin.is_empty() {
+        // Another process may have pinned first; use what the database holds afterwards.
+        let committed = runtime.block_on(async {
+            let client = crate::sink::connect(url).await?;
+            pin_start_offsets(&client, topic, &to_pin).await?;
+            load_offsets(&client, topic).await
+        })?;
+        for (p, start) in &mut starts {
+            if let Some(next) = committed.get(p) {
+                *start = StartOffset::At(*next);
+            }
+        }
+    }
+    Ok(starts)
+}
+
+/// The source side of the worker loop: reads, decodes, stamps with the current epoch.
+struct Source {
+    /// Next offset to read per owned partition (known once a message was read or the
+    /// start was an explicit offset).
+    next: BTreeMap<i32, i64>,
+    /// Records in the open epoch, and when its first record arrived.
+    in_epoch: usize,
+    opened: Instant,
+    /// Closed epochs not yet durable, with the offsets reached when each closed.
+    closed: VecDeque<(u64, Vec<(i32, i64)>)>,
+}
+
+impl Source {
+    fn new(starts: &[(i32, StartOffset)]) -> Self {
+        let next = starts
+            .iter()
+            .filter_map(|(p, s)| match s {
+                StartOffset::At(o) => Some((*p, *o)),
+                _ => None,
+            })
+            .collect();
+        Source {
+            next,
+            in_epoch: 0,
+            opened: Instant::now(),
+            closed: VecDeque::new(),
+        }
+    }
+
+    fn next_offsets(&self) -> Vec<(i32, i64)> {
+        self.next.iter().map(|(p, o)| (*p, *o)).collect()
+    }
+
+    /// Reads up to the poll budget or the epoch's room; returns how many messages were read.
+    fn read(
+        &mut self,
+        reader: &mut PartitionReader,
+        input: &mut InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<Envelope>>>,
+        ctx: &IngestContext,
+        epoch_records: usize,
+    ) -> usize {
+        let now = now_ms();
+        let (mut read, mut dead) = (0, 0);
+        while read < POLL_BUDGET && self.in_epoch < epoch_records {
+            let message = match reader.poll() {
+                Polled::Message(m) => m,
+                Polled::Nothing => break,
+                Polled::Error(e) => {
+                    tracing::warn!(error = %e, "Kafka read error; librdkafka retries");
+                    break;
+                }
+            };
+            let raw = message.payload().unwrap_or_default();
+            let time_ms = message.timestamp().to_millis();
+            let decoded = decode(raw, message.key(), time_ms, now, &ctx.limits);
+            if decoded.is_err() {
+                dead += 1;
+            }
+            let envelope = Envelope::new(
+                message.partition(),
+                message.offset(),
+                message.key(),
+                raw,
+                time_ms,
+                decoded,
+            );
+            self.next.insert(message.partition(), message.offset() + 1);
+            input.send(envelope);
+            if self.in_epoch == 0 {
+                self.opened = Instant::now();
+            }
+            self.in_epoch += 1;
+            read += 1;
+        }
+        Stats::add(&ctx.stats.records_read, read as u64);
+        Stats::add(&ctx.stats.dead_letters, dead);
+        read
+    }
+
+    fn close_epoch(
+        &mut self,
+        input: &mut InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<Envelope>>>,
+    ) {
+        let epoch = *input.time();
+        self.closed.push_back((epoch, self.next_offsets()));
+        input.advance_to(epoch + 1);
+        self.in_epoch = 0;
+    }
+}
+
+/// The commit side of the worker loop: offsets of epochs behind the durable frontier go to
+/// the database (at most once per commit interval) and then to the consumer group.
+struct Commits {
+    committer: Committer,
+    ready: Option<Vec<(i32, i64)>>,
+    last: Instant,
+    /// A commit sent to the database whose offsets go to the consumer group once it lands.
+    mirror_after: Option<(u64, Vec<(i32, i64)>)>,
+    committed: Vec<(i32, i64)>,
+}
+
+impl Commits {
+    fn new(committer: Committer) -> Self {
+        Commits {
+            committer,
+            ready: None,
+            last: Instant::now(),
+            mirror_after: None,
+            committed: Vec::new(),
+        }
+    }
+
+    fn advance(
+        &mut self,
+        durable: u64,
+        closed: &mut VecDeque<(u64, Vec<(i32, i64)>)>,
+        interval: Duration,
+        reader: &PartitionReader,
+        force: bool,
+    ) {
+        while closed.front().is_some_and(|(epoch, _)| *epoch < durable) {
+            self.ready = closed.pop_front().map(|(_, offsets)| offsets);
+        }
+        if self.ready.as_ref() == Some(&self.committed) {
+            self.ready = None;
+        }
+        if self.ready.is_some() && (force || self.last.elapsed() >= interval) {
+            let offsets = self.ready.take().unwrap_or_default();
+            let seq = self.committer.commit(offsets.clone());
+            self.mirror_after = Some((seq, offsets.clone()));
+            self.committed = offsets;
+            self.last = Instant::now();
+        }
+        self.mirror(reader);
+    }
+
+    fn mirror(&mut self, reader: &PartitionReader) {
+        if let Some((_, offsets)) = self
+            .mirror_after
+            .take_if(|(seq, _)| self.committer.done() >= *seq)
+        {
+            reader.commit_to_group(&offsets);
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.ready.is_none() && self.committer.idle()
+    }
+}

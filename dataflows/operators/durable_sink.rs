@@ -1,0 +1,95 @@
+//! The durable sink: writes each closed epoch to TimescaleDB and holds the epoch's
+//! capability until the write has committed.
+//!
+//! Holding the capability is what gives the frontier downstream of this operator its
+//! meaning: when a probe there has passed epoch `t`, every worker's rows for `t` are in the
+//! database. The writing itself happens on a tokio task (see `sink::writer`), so the worker
+//! thread keeps reading Kafka while a COPY runs; the task wakes the operator through a
+//! `SyncActivator` when an epoch is durable.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::Stream;
+
+use super::batch::cut_batches;
+use crate::envelope::Envelope;
+use crate::partitioning::key_group_owner;
+use crate::sink::writer::{spawn_writer, EpochWrite, WriterSettings};
+use crate::stats::Stats;
+
+/// Routes envelopes to the worker owning their key group, writes them epoch by epoch, and
+/// emits each epoch's number once it is durable.
+pub trait WriteDurably<'scope> {
+    fn write_durably(
+        self,
+        settings: WriterSettings,
+        batch_size: usize,
+        runtime: tokio::runtime::Handle,
+        stats: Arc<Stats>,
+    ) -> Stream<'scope, u64, Vec<u64>>;
+}
+
+impl<'scope> WriteDurably<'scope> for Stream<'scope, u64, Vec<Envelope>> {
+    fn write_durably(
+        self,
+        settings: WriterSettings,
+        batch_size: usize,
+        runtime: tokio::runtime::Handle,
+        stats: Arc<Stats>,
+    ) -> Stream<'scope, u64, Vec<u64>> {
+        let scope = self.scope();
+        let workers = scope.peers();
+        // Same function in every process: key group -> owning worker.
+        let route = Exchange::new(move |e: &Envelope| key_group_owner(e.key_group, workers) as u64);
+
+        self.unary_frontier(route, "DurableSink", move |initial, info| {
+            drop(initial);
+            let activator = scope.worker().sync_activator_for(info.address.to_vec());
+            let (durable_tx, durable_rx) = mpsc::channel::<u64>();
+            let writer = spawn_writer(&runtime, settings, stats, move |epoch| {
+                // Both fail only when the dataflow is gone, and then nobody is waiting.
+                let _ = durable_tx.send(epoch);
+                let _ = activator.activate();
+            });
+            // Epochs still receiving records, and epochs handed to the writer.
+            let mut open: BTreeMap<u64, (Capability<u64>, Vec<Envelope>)> = BTreeMap::new();
+            let mut writing: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+
+            move |(input, frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    let Some(held) = cap.retain_least(0) else {
+                        return;
+                    };
+                    let entry = open
+                        .entry(*held.time())
+                        .or_insert_with(|| (held, Vec::new()));
+                    for container in data {
+                        entry.1.append(container);
+                    }
+                });
+                // Epochs the input frontier has passed are complete: hand them over in order.
+                while let Some(entry) = open.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (epoch, (cap, records)) = entry.remove_entry();
+                    let batches = cut_batches(records, batch_size);
+                    // The writer task lives as long as this operator holds `writer`.
+                    let _ = writer.send(EpochWrite { epoch, batches });
+                    writing.insert(epoch, cap);
+                }
+                // Epochs the writer committed: announce them and release their capability.
+                while let Ok(epoch) = durable_rx.try_recv() {
+                    if let Some(cap) = writing.remove(&epoch) {
+                        output.session(&cap).give(epoch);
+                    }
+                }
+            }
+        })
+    }
+}

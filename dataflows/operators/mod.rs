@@ -1,0 +1,4 @@
+//! Operators shared by the dataflows.
+
+pub mod batch;
+pub mod durable_sink;

@@ -1,0 +1,231 @@
+//! The command line: every flag, its environment variable, its default.
+//!
+//! Flags win over environment variables (`FLEETFLOW_*`), which win over the defaults. The
+//! doc comments here are the reference: `fleetflow <command> --help` prints them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleetflow",
+    version,
+    about = "Server metrics from Kafka into TimescaleDB, exactly once"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the ingest job: Kafka partitions -> timely workers -> TimescaleDB.
+    Run(RunArgs),
+    /// Produce simulated fleet metrics to Kafka.
+    Loadgen(LoadgenArgs),
+    /// Manage the Kafka topic.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(DatabaseArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (host:port, comma separated).
+    #[arg(long, env = "FLEETFLOW_BROKERS", default_value = "127.0.0.1:59092")]
+    pub brokers: String,
+    /// The topic carrying metric reports.
+    #[arg(long, env = "FLEETFLOW_TOPIC", default_value = "metrics")]
+    pub topic: String,
+    /// Extra librdkafka settings, passed through as is (repeatable): -X security.protocol=ssl
+    #[arg(short = 'X', long = "kafka", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_options: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection string of a database with the timescaledb extension available.
+    /// TLS options go in the string (sslmode=...).
+    #[arg(
+        long,
+        env = "FLEETFLOW_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:55432/postgres"
+    )]
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StartFrom {
+    /// The oldest message still in the partition.
+    Earliest,
+    /// Only messages produced after the first start.
+    Latest,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Kafka consumer group the committed offsets are mirrored to (for lag tools).
+    #[arg(long, env = "FLEETFLOW_GROUP", default_value = "fleetflow")]
+    pub group: String,
+    /// Worker threads in this process.
+    #[arg(long, short = 'w', env = "FLEETFLOW_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Number of processes in the job.
+    #[arg(long, short = 'n', env = "FLEETFLOW_PROCESSES", default_value_t = 1)]
+    pub processes: usize,
+    /// This process's index, 0-based, below --processes.
+    #[arg(long, short = 'p', env = "FLEETFLOW_PROCESS_ID", default_value_t = 0)]
+    pub process_id: usize,
+    /// host:port of every process, in process-id order (comma separated).
+    #[arg(
+        long,
+        env = "FLEETFLOW_HOSTS",
+        value_delimiter = ',',
+        conflicts_with = "hostfile"
+    )]
+    pub hosts: Vec<String>,
+    /// A file with one host:port per line, in process-id order (blank lines and # comments ignored).
+    #[arg(long, env = "FLEETFLOW_HOSTFILE")]
+    pub hostfile: Option<PathBuf>,
+    /// Where a partition with no committed offset starts, on the first run.
+    #[arg(long, env = "FLEETFLOW_START", value_enum, default_value_t = StartFrom::Earliest)]
+    pub start: StartFrom,
+    /// Records a source worker puts in one epoch before it starts the next.
+    #[arg(long, env = "FLEETFLOW_EPOCH_RECORDS", default_value_t = 1000)]
+    pub epoch_records: usize,
+    /// Longest time an epoch with records stays open.
+    #[arg(long, env = "FLEETFLOW_EPOCH_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    pub epoch_interval: Duration,
+    /// Epochs a source may run ahead of what is durable; with --epoch-records this bounds
+    /// the records buffered per source worker (backpressure).
+    #[arg(long, env = "FLEETFLOW_MAX_EPOCHS_IN_FLIGHT", default_value_t = 64)]
+    pub max_epochs_in_flight: u64,
+    /// Most rows in one binary COPY batch.
+    #[arg(long, env = "FLEETFLOW_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: usize,
+    /// How often durable offsets are committed (database table and consumer group).
+    #[arg(long, env = "FLEETFLOW_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub commit_interval: Duration,
+    /// Exit once every partition has been at its end this long and everything is committed.
+    #[arg(long, env = "FLEETFLOW_EXIT_WHEN_IDLE", value_parser = parse_duration)]
+    pub exit_when_idle: Option<Duration>,
+    /// How often the one-line progress report is printed.
+    #[arg(long, env = "FLEETFLOW_REPORT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub report_interval: Duration,
+    /// After SIGINT/SIGTERM, how long to wait for open epochs to become durable before
+    /// abandoning them (they are re-read on the next start; nothing is lost).
+    #[arg(long, env = "FLEETFLOW_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Largest accepted message, in bytes; larger ones are dead-lettered.
+    #[arg(long, env = "FLEETFLOW_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// Oldest accepted record timestamp, relative to now.
+    #[arg(long, env = "FLEETFLOW_MAX_AGE", default_value = "365days", value_parser = parse_duration)]
+    pub max_age: Duration,
+    /// Furthest accepted record timestamp into the future, relative to now.
+    #[arg(long, env = "FLEETFLOW_MAX_FUTURE", default_value = "10m", value_parser = parse_duration)]
+    pub max_future: Duration,
+    /// Record, per written batch, which worker wrote which serverIds (table
+    /// fleetflow_audit). Costs a little; meant for tests and investigations.
+    #[arg(long, env = "FLEETFLOW_AUDIT")]
+    pub audit: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadgenArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Number of simulated servers (serverIds s1..sN).
+    #[arg(long, env = "FLEETFLOW_LOADGEN_SERVERS", default_value_t = 5000)]
+    pub servers: u32,
+    /// Reporting interval of each server (spacing of the records' timestamps).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Total records to produce (default: run until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Target records per second (default: as fast as possible with --count, or the real
+    /// cadence servers/interval without it).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seed for the simulated values: the same seed gives the same records.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Timestamp of the first round, RFC 3339 (default: now minus count/servers intervals,
+    /// so a burst lands in the recent past).
+    #[arg(long)]
+    pub start_time: Option<String>,
+    /// Fraction of records replaced by malformed ones (exercises the dead-letter path).
+    #[arg(long, default_value_t = 0.0)]
+    pub bad_fraction: f64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicCommand {
+    /// Create the topic (no error if it exists with the same partition count).
+    Create {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+    },
+}
+
+/// Parses "30s", "100ms", "1h 5m", "7days".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 5m, 2h, 7days)"))
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_flags_parse_with_defaults() {
+        let cli =
+            Cli::try_parse_from(["fleetflow", "run", "-w", "2", "--exit-when-idle", "2s"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.workers, 2);
+        assert_eq!(run.exit_when_idle, Some(Duration::from_secs(2)));
+        assert_eq!(run.kafka.topic, "metrics");
+        assert_eq!(run.epoch_records, 1000);
+    }
+
+    #[test]
+    fn bad_duration_is_a_clear_error() {
+        let err =
+            Cli::try_parse_from(["fleetflow", "run", "--epoch-interval", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("examples: 500ms"), "{err}");
+    }
+
+    #[test]
+    fn kafka_passthrough_needs_key_value() {
+        assert!(Cli::try_parse_from(["fleetflow", "run", "-X", "nonsense"]).is_err());
+        let cli = Cli::try_parse_from(["fleetflow", "run", "-X", "fetch.max.bytes=1000"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            run.kafka.kafka_options,
+            vec![("fetch.max.bytes".into(), "1000".into())]
+        );
+    }
+}

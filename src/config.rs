@@ -1,0 +1,194 @@
+//! Typed, validated job configuration built from the command line: the cluster shape (who
+//! the processes are) and the record limits. Every error names the flag to fix.
+
+use std::path::PathBuf;
+
+use crate::cli::RunArgs;
+use crate::record::Limits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--workers must be at least 1")]
+    NoWorkers,
+    #[error("--processes must be at least 1")]
+    NoProcesses,
+    #[error("--process-id {id} is outside --processes {processes} (valid ids: 0 to {})", processes - 1)]
+    ProcessIdOutOfRange { id: usize, processes: usize },
+    #[error("--processes is {processes} but {source_name} lists {found} address(es); give one host:port per process")]
+    AddressCount {
+        processes: usize,
+        found: usize,
+        source_name: String,
+    },
+    #[error("cannot read --hostfile {path}: {source}")]
+    Hostfile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("address {0:?} in the host list is not host:port")]
+    BadAddress(String),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+}
+
+/// The host:port of every process, in process-id order (empty for a single process).
+pub fn cluster_addresses(args: &RunArgs) -> Result<Vec<String>, ConfigError> {
+    let (addresses, source_name) = match &args.hostfile {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Hostfile {
+                path: path.clone(),
+                source,
+            })?;
+            let hosts: Vec<String> = text
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+            (hosts, format!("--hostfile {}", path.display()))
+        }
+        None => (
+            args.hosts
+                .iter()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            "--hosts".to_owned(),
+        ),
+    };
+    if let Some(bad) = addresses.iter().find(|a: &&String| {
+        a.rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    }) {
+        return Err(ConfigError::BadAddress(bad.clone()));
+    }
+    if (args.processes > 1 || !addresses.is_empty()) && addresses.len() != args.processes {
+        return Err(ConfigError::AddressCount {
+            processes: args.processes,
+            found: addresses.len(),
+            source_name,
+        });
+    }
+    Ok(addresses)
+}
+
+/// Checks the flags and builds timely's configuration from them.
+pub fn timely_config(args: &RunArgs) -> Result<timely::Config, ConfigError> {
+    if args.workers == 0 {
+        return Err(ConfigError::NoWorkers);
+    }
+    if args.processes == 0 {
+        return Err(ConfigError::NoProcesses);
+    }
+    if args.process_id >= args.processes {
+        return Err(ConfigError::ProcessIdOutOfRange {
+            id: args.process_id,
+            processes: args.processes,
+        });
+    }
+    for (value, flag) in [
+        (args.epoch_records, "--epoch-records"),
+        (args.batch_size, "--batch-size"),
+        (args.max_epochs_in_flight as usize, "--max-epochs-in-flight"),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::Zero(flag));
+        }
+    }
+    let addresses = cluster_addresses(args)?;
+    let communication = if args.processes == 1 {
+        timely::CommunicationConfig::Process(args.workers)
+    } else {
+        timely::CommunicationConfig::Cluster {
+            threads: args.workers,
+            process: args.process_id,
+            addresses,
+            report: false,
+            zerocopy: false,
+        }
+    };
+    Ok(timely::Config {
+        communication,
+        worker: timely::WorkerConfig::default(),
+    })
+}
+
+/// The record limits the job validates against.
+pub fn limits(args: &RunArgs) -> Limits {
+    Limits {
+        max_bytes: args.max_message_bytes,
+        max_age: args.max_age,
+        max_future: args.max_future,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let argv = ["fleetflow", "run"].iter().chain(extra).copied();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(r) => r,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn single_process_needs_no_addresses() {
+        assert!(timely_config(&run_args(&["-w", "3"])).is_ok());
+    }
+
+    #[test]
+    fn process_id_must_be_below_processes() {
+        let err =
+            timely_config(&run_args(&["-n", "2", "-p", "2", "--hosts", "a:1,b:2"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--process-id 2 is outside --processes 2 (valid ids: 0 to 1)"
+        );
+    }
+
+    #[test]
+    fn host_list_must_match_processes() {
+        let err = timely_config(&run_args(&["-n", "3", "--hosts", "a:1,b:2"])).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::AddressCount {
+                    processes: 3,
+                    found: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hostfile_ignores_comments_and_blank_lines() {
+        let path = std::env::temp_dir().join(format!("fleetflow-hostfile-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "# the job\n127.0.0.1:2101\n\n127.0.0.1:2102  # second\n",
+        )
+        .unwrap();
+        let args = run_args(&["-n", "2", "--hostfile", path.to_str().unwrap()]);
+        assert_eq!(
+            cluster_addresses(&args).unwrap(),
+            vec!["127.0.0.1:2101", "127.0.0.1:2102"]
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn addresses_need_a_port() {
+        let err = timely_config(&run_args(&["-n", "2", "--hosts", "a:1,b"])).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::BadAddress(ref a) if a == "b"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! Launches the ingest job: checks the flags, Kafka and the database up front (so a mistake
+//! is one clear line, not a stuck worker), then runs the timely workers of this process.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cli::RunArgs;
+use crate::dataflows::ingest::{run_worker, IngestContext};
+use crate::stats::Stats;
+
+/// Runs `fleetflow run` to completion (shutdown signal or `--exit-when-idle`).
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let timely_config = crate::config::timely_config(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("fleetflow-io")
+        .enable_all()
+        .build()
+        .context("cannot start the I/O runtime")?;
+
+    let partitions = crate::kafka::admin::partition_count(&args.kafka)?;
+    let url = args.database.database_url.clone();
+    let version = runtime.block_on(async {
+        let mut client = crate::sink::connect(&url).await?;
+        crate::sink::schema::migrate(&mut client, &url).await
+    })?;
+    tracing::info!(
+        topic = %args.kafka.topic, partitions, schema_version = version,
+        process = args.process_id, processes = args.processes, workers_per_process = args.workers,
+        "starting the ingest job"
+    );
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // A second signal while shutting down exits at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, shutdown.clone())?;
+        signal_hook::flag::register(signal, shutdown.clone())?;
+    }
+    spawn_shutdown_watchdog(shutdown.clone(), args.shutdown_timeout);
+
+    let stats = Arc::new(Stats::default());
+    let started = Instant::now();
+    let reporter_stop = Arc::new(AtomicBool::new(false));
+    let reporter = spawn_reporter(stats.clone(), args.report_interval, reporter_stop.clone());
+
+    let run_id = format!("{}-p{}", crate::record::now_ms(), args.process_id);
+    let ctx = Arc::new(IngestContext {
+        limits: crate::config::limits(&args),
+        args,
+        partitions,
+        runtime: runtime.handle().clone(),
+        stats: stats.clone(),
+        shutdown,
+        run_id,
+    });
+    let guards = timely::execute(timely_config, move |worker| {
+        if let Err(e) = run_worker(worker, &ctx) {
+            // The other workers cannot finish without this one: stop the process.
+            eprintln!("fleetflow: worker {}: {e:#}", worker.index());
+            std::process::exit(1);
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("cannot start the timely workers: {e}"))?;
+    for result in guards.join() {
+        result.map_err(|e| anyhow::anyhow!("a worker failed: {e}"))?;
+    }
+    reporter_stop.store(true, Ordering::Relaxed);
+    let _ = reporter.join();
+
+    let elapsed = started.elapsed().as_secs_f64();
+    let rows = Stats::get(&stats.rows_written);
+    tracing::info!(
+        records_read = Stats::get(&stats.records_read),
+        rows_written = rows,
+        dead_letters = Stats::get(&stats.dead_letters_written),
+        replayed_skipped = Stats::get(&stats.replayed_skipped),
+        seconds = format!("{elapsed:.1}"),
+        rows_per_second = format!("{:.0}", rows as f64 / elapsed.max(1e-9)),
+        "job finished"
+    );
+    Ok(())
+}
+
+/// After a shutdown signal, gives the workers `timeout` to make their open epochs durable,
+/// then exits anyway: what was not committed is read again on the next start.
+fn spawn_shutdown_watchdog(shutdown: Arc<AtomicBool>, timeout: Duration) {
+    std::thread::spawn(move || {
+        while !shutdown.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tracing::info!(timeout = ?timeout, "shutting down: finishing the open epochs");
+        std::thread::sleep(timeout);
+        tracing::warn!("shutdown timed out; abandoning epochs that are not durable (they will be re-read on restart)");
+        std::process::exit(0);
+    });
+}
+
+/// Prints one progress line every `interval`.
+fn spawn_reporter(
+    stats: Arc<Stats>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut last = (Instant::now(), 0u64);
+        while !stop.load(Ordering::Relaxed) {
+            let deadline = Instant::now() + interval;
+            while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let read = Stats::get(&stats.records_read);
+            let rate = (read - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
+            last = (Instant::now(), read);
+            let waiting = match (
+                stats.database_waiting.load(Ordering::Relaxed),
+                stats.backpressured.load(Ordering::Relaxed),
+            ) {
+                (true, _) => " (waiting for the database)",
+                (false, true) => " (backpressure: the database is behind)",
+                _ => "",
+            };
+            tracing::info!(
+                records_read = read,
+                rate = format!("{rate:.0}"),
+                rows_written = Stats::get(&stats.rows_written),
+                dead_letters = Stats::get(&stats.dead_letters),
+                durable_epoch = Stats::get(&stats.durable_epoch),
+                lag = stats.lag.load(Ordering::Relaxed),
+                "progress: {read} read ({rate:.0}/s), {} rows written, {} dead letters, durable epoch {}, lag {}{waiting}",
+                Stats::get(&stats.rows_written),
+                Stats::get(&stats.dead_letters),
+                Stats::get(&stats.durable_epoch),
+                stats.lag.load(Ordering::Relaxed),
+            );
+        }
+    })
+}

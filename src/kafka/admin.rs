@@ -1,0 +1,85 @@
+//! Topic administration and metadata look-ups.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::{client_config, KafkaError};
+use crate::cli::KafkaArgs;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The number of partitions of the topic, or a clear error when the broker is unreachable
+/// or the topic does not exist.
+pub fn partition_count(kafka: &KafkaArgs) -> Result<i32, KafkaError> {
+    let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
+    let unreachable = |source| KafkaError::Unreachable {
+        brokers: kafka.brokers.clone(),
+        source,
+    };
+    let metadata = consumer
+        .fetch_metadata(Some(&kafka.topic), METADATA_TIMEOUT)
+        .map_err(unreachable)?;
+    match metadata.topics().iter().find(|t| t.name() == kafka.topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(t.partitions().len() as i32)
+        }
+        _ => Err(KafkaError::UnknownTopic {
+            topic: kafka.topic.clone(),
+            brokers: kafka.brokers.clone(),
+        }),
+    }
+}
+
+/// Creates the topic; an existing topic with the same partition count is fine.
+pub async fn create_topic(
+    kafka: &KafkaArgs,
+    partitions: i32,
+    replication: i32,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[]).create()?;
+    let topic = NewTopic::new(
+        &kafka.topic,
+        partitions,
+        TopicReplication::Fixed(replication),
+    );
+    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+    let results = admin
+        .create_topics([&topic], &options)
+        .await
+        .map_err(|source| KafkaError::Unreachable {
+            brokers: kafka.brokers.clone(),
+            source,
+        })?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::Client(rdkafka::error::KafkaError::AdminOp(
+                    code,
+                )))
+                .inspect_err(|_| tracing::error!(topic = %name, ?code, "topic creation failed"))
+            }
+        }
+    }
+    let existing = tokio::task::block_in_place(|| partition_count(kafka))?;
+    if existing != partitions {
+        tracing::warn!(topic = %kafka.topic, existing, requested = partitions, "topic exists with another partition count");
+    }
+    Ok(())
+}
+
+/// The high watermark of one partition: the offset the next produced message will get.
+pub fn end_offset(kafka: &KafkaArgs, partition: i32) -> Result<i64, KafkaError> {
+    let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
+    let (_, high) = consumer
+        .fetch_watermarks(&kafka.topic, partition, METADATA_TIMEOUT)
+        .map_err(|source| KafkaError::Unreachable {
+            brokers: kafka.brokers.clone(),
+            source,
+        })?;
+    Ok(high)
+}

@@ -1,0 +1,38 @@
+//! Kafka: client settings, the partition reader of the job, the producer of the loadgen,
+//! topic administration.
+
+pub mod admin;
+pub mod consumer;
+pub mod producer;
+
+use rdkafka::ClientConfig;
+
+use crate::cli::KafkaArgs;
+
+/// Errors talking to Kafka, worded for the person who has to fix them.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("cannot reach Kafka at {brokers}: {source}")]
+    Unreachable {
+        brokers: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("topic {topic:?} does not exist on {brokers} (create it: fleetflow topic create --topic {topic} --partitions 4)")]
+    UnknownTopic { topic: String, brokers: String },
+    #[error("Kafka client error: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+}
+
+/// The base client settings: brokers plus the user's pass-through `-X key=value` options
+/// (TLS, SASL, tuning), which win over our defaults.
+pub fn client_config(kafka: &KafkaArgs, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    for (k, v) in defaults {
+        config.set(*k, *v);
+    }
+    for (k, v) in &kafka.kafka_options {
+        config.set(k, v);
+    }
+    config
+}

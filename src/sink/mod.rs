@@ -1,0 +1,111 @@
+//! TimescaleDB: the schema, the epoch writer (binary COPY plus exactly-once watermarks in
+//! one transaction), and the committed source offsets.
+
+pub mod offsets;
+pub mod schema;
+pub mod writer;
+
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+/// Errors talking to the database, worded for the person who has to fix them.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("invalid database URL: {0}")]
+    BadUrl(String),
+    #[error("cannot reach the database at {target}: {source}")]
+    Unreachable {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("the database at {0} has no timescaledb extension available; install TimescaleDB (scripts/timescaledb.sh up gives a local one)")]
+    NoTimescale(String),
+    #[error("the timescaledb extension could not be enabled at {target}: {message}")]
+    TimescaleUnusable { target: String, message: String },
+    #[error("the database schema is at version {found}, newer than this fleetflow knows ({known}); upgrade fleetflow")]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+impl SinkError {
+    /// Errors a retry can cure (connection lost, server restarting); anything else is a bug
+    /// or a configuration problem that retrying would only hide.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Unreachable { .. } => true,
+            SinkError::Db(e) => is_transient(e),
+            _ => false,
+        }
+    }
+}
+
+/// True for errors a retry can cure: closed connections, I/O errors, a server shutting down
+/// or starting, serialization failures.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true, // I/O and protocol errors
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || c == "40001"
+                || c == "40P01"
+                || c == "53300"
+        }
+    }
+}
+
+/// host:port/dbname of a connection string, without user or password (for messages).
+pub fn describe_target(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    #[cfg(unix)]
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!("{host}:{port}/{}", c.get_dbname().unwrap_or("postgres"))
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+/// Connects, spawning the connection task on the current runtime.
+pub async fn connect(url: &str) -> Result<Client, SinkError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| SinkError::BadUrl(e.to_string()))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config.application_name("fleetflow");
+    let (client, connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| SinkError::Unreachable {
+                target: describe_target(url),
+                source,
+            })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Exponential backoff for reconnecting: 100 ms doubling up to 5 s.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(5))
+}

@@ -1,0 +1,140 @@
+//! Progress bookkeeping in the database: the committed source offsets (where a restarted job
+//! resumes) and the per-(key group, partition) watermarks (what was already written).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+
+use super::{backoff, connect, SinkError};
+
+/// The next offset to read per partition, as committed by earlier runs.
+pub async fn load_offsets(client: &Client, topic: &str) -> Result<HashMap<i32, i64>, SinkError> {
+    let rows = client
+        .query(
+            "SELECT partition, next_offset FROM fleetflow_offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records that everything before `next_offset` is durable. Offsets never move backwards.
+pub async fn store_offsets(
+    client: &Client,
+    topic: &str,
+    offsets: &[(i32, i64)],
+) -> Result<(), SinkError> {
+    let partitions: Vec<i32> = offsets.iter().map(|o| o.0).collect();
+    let nexts: Vec<i64> = offsets.iter().map(|o| o.1).collect();
+    client
+        .execute(
+            "INSERT INTO fleetflow_offsets (topic, partition, next_offset)
+             SELECT $1, p, n FROM unnest($2::int[], $3::bigint[]) AS t(p, n)
+             ON CONFLICT (topic, partition) DO UPDATE
+               SET next_offset = GREATEST(fleetflow_offsets.next_offset, EXCLUDED.next_offset),
+                   committed_at = now()",
+            &[&topic, &partitions, &nexts],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Inserts a starting offset only where none is committed yet (pins `--start latest`).
+pub async fn pin_start_offsets(
+    client: &Client,
+    topic: &str,
+    offsets: &[(i32, i64)],
+) -> Result<(), SinkError> {
+    let partitions: Vec<i32> = offsets.iter().map(|o| o.0).collect();
+    let nexts: Vec<i64> = offsets.iter().map(|o| o.1).collect();
+    client
+        .execute(
+            "INSERT INTO fleetflow_offsets (topic, partition, next_offset)
+             SELECT $1, p, n FROM unnest($2::int[], $3::bigint[]) AS t(p, n)
+             ON CONFLICT (topic, partition) DO NOTHING",
+            &[&topic, &partitions, &nexts],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Watermarks of the given key groups: (key group, partition) -> highest offset written.
+pub async fn load_watermarks(
+    client: &Client,
+    topic: &str,
+    key_groups: &[u16],
+) -> Result<HashMap<(u16, i32), i64>, SinkError> {
+    let groups: Vec<i32> = key_groups.iter().map(|g| *g as i32).collect();
+    let rows = client
+        .query(
+            "SELECT key_group, partition, last_offset FROM fleetflow_watermarks
+             WHERE topic = $1 AND key_group = ANY($2)",
+            &[&topic, &groups],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get::<_, i32>(0) as u16, r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// A background task that stores offsets in order, retrying through database outages.
+/// `done` counts the commits that reached the database.
+pub struct Committer {
+    tx: mpsc::UnboundedSender<Vec<(i32, i64)>>,
+    sent: u64,
+    done: Arc<AtomicU64>,
+}
+
+impl Committer {
+    pub fn spawn(runtime: &tokio::runtime::Handle, url: String, topic: String) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(i32, i64)>>();
+        let done = Arc::new(AtomicU64::new(0));
+        let counter = done.clone();
+        runtime.spawn(async move {
+            let mut client: Option<Client> = None;
+            while let Some(offsets) = rx.recv().await {
+                let mut attempt = 0;
+                loop {
+                    if client.as_ref().is_none_or(|c| c.is_closed()) {
+                        client = connect(&url).await.ok();
+                    }
+                    if let Some(c) = &client {
+                        match store_offsets(c, &topic, &offsets).await {
+                            Ok(()) => break,
+                            Err(e) => tracing::warn!(error = %e, attempt, "committing offsets failed; retrying"),
+                        }
+                        client = None;
+                    } else {
+                        tracing::warn!(attempt, "database unreachable; offsets wait to be committed");
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+                counter.fetch_add(1, Ordering::Release);
+            }
+        });
+        Committer { tx, sent: 0, done }
+    }
+
+    /// Queues a commit; returns its sequence number.
+    pub fn commit(&mut self, offsets: Vec<(i32, i64)>) -> u64 {
+        self.sent += 1;
+        // The task outlives every sender; a send can only fail during process teardown.
+        let _ = self.tx.send(offsets);
+        self.sent
+    }
+
+    /// The highest sequence number known to be in the database.
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// True when every queued commit reached the database.
+    pub fn idle(&self) -> bool {
+        self.done() == self.sent
+    }
+}

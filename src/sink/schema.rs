@@ -1,0 +1,157 @@
+//! Versioned schema migrations, safe to run from several processes at once (they take a
+//! PostgreSQL advisory lock, so one applies and the others find the work done).
+
+use tokio_postgres::Client;
+
+use super::{describe_target, SinkError};
+
+/// Arbitrary, fixed key for the migration advisory lock.
+const MIGRATION_LOCK: i64 = 0x666c_6565_7466;
+
+/// Each migration: (version, what it does, SQL). Append only; never edit an applied one.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "raw metrics hypertable, committed offsets, exactly-once watermarks, dead letters, audit",
+    r#"
+    CREATE TABLE metrics (
+        time            timestamptz      NOT NULL,
+        server_id       text             NOT NULL,
+        cpu             double precision,
+        ram             double precision,
+        extra           jsonb,
+        kafka_partition integer          NOT NULL,
+        kafka_offset    bigint           NOT NULL
+    );
+    SELECT create_hypertable('metrics', 'time', chunk_time_interval => interval '1 day');
+
+    -- Next offset to read per partition: where a restarted job resumes.
+    CREATE TABLE fleetflow_offsets (
+        topic        text        NOT NULL,
+        partition    integer     NOT NULL,
+        next_offset  bigint      NOT NULL,
+        committed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (topic, partition)
+    );
+
+    -- Highest offset written per (key group, partition), updated in the same transaction
+    -- as the rows: a replayed record at or below it is already in the database.
+    CREATE TABLE fleetflow_watermarks (
+        topic       text    NOT NULL,
+        key_group   integer NOT NULL,
+        partition   integer NOT NULL,
+        last_offset bigint  NOT NULL,
+        PRIMARY KEY (topic, key_group, partition)
+    );
+
+    CREATE TABLE fleetflow_dead_letters (
+        topic        text        NOT NULL,
+        partition    integer     NOT NULL,
+        "offset"     bigint      NOT NULL,
+        key          bytea,
+        raw          bytea       NOT NULL,
+        kind         text        NOT NULL,
+        reason       text        NOT NULL,
+        message_time timestamptz,
+        recorded_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX fleetflow_dead_letters_position ON fleetflow_dead_letters (topic, partition, "offset");
+
+    -- Filled only with `run --audit`: which worker wrote which serverIds.
+    CREATE TABLE fleetflow_audit (
+        run_id     text        NOT NULL,
+        worker     integer     NOT NULL,
+        server_id  text        NOT NULL,
+        rows       integer     NOT NULL,
+        written_at timestamptz NOT NULL DEFAULT now()
+    );
+    "#,
+)];
+
+/// The newest schema version this build knows.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// Enables timescaledb and applies every pending migration. Returns the schema version.
+pub async fn migrate(client: &mut Client, url: &str) -> Result<i32, SinkError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let result = migrate_locked(client, url).await;
+    // A failed unlock only matters if the connection lives on; it is dropped on error anyway.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result
+}
+
+async fn migrate_locked(client: &mut Client, url: &str) -> Result<i32, SinkError> {
+    ensure_timescaledb(client, url).await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS fleetflow_schema_version (
+                version    integer     PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                summary    text        NOT NULL)",
+        )
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM fleetflow_schema_version",
+            &[],
+        )
+        .await?;
+    let mut current: i32 = row.get(0);
+    if current > latest_version() {
+        return Err(SinkError::SchemaTooNew {
+            found: current,
+            known: latest_version(),
+        });
+    }
+    let pending: Vec<_> = MIGRATIONS.iter().filter(|m| m.0 > current).collect();
+    for (version, summary, sql) in pending {
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO fleetflow_schema_version (version, summary) VALUES ($1, $2)",
+            &[version, summary],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, summary, "applied schema migration");
+        current = *version;
+    }
+    Ok(current)
+}
+
+async fn ensure_timescaledb(client: &Client, url: &str) -> Result<(), SinkError> {
+    let installed = client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'",
+            &[],
+        )
+        .await?;
+    if installed.is_some() {
+        return Ok(());
+    }
+    let available = client
+        .query_opt(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'",
+            &[],
+        )
+        .await?;
+    if available.is_none() {
+        return Err(SinkError::NoTimescale(describe_target(url)));
+    }
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        .await
+        .map_err(|e| SinkError::TimescaleUnusable {
+            target: describe_target(url),
+            message: e
+                .as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_else(|| e.to_string()),
+        })?;
+    Ok(())
+}
