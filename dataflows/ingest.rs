@@ -116,12 +116,15 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
             || (source.in_epoch > 0 && source.opened.elapsed() >= args.epoch_interval)
         {
             source.close_epoch(&mut input);
-        } else if source.in_epoch == 0 && read == 0 {
-            // Idle: stop holding the frontier back.
-            let bound = durable + args.max_epochs_in_flight - 1;
-            if *input.time() < bound {
-                input.advance_to(bound);
-            }
+        } else if source.in_epoch == 0
+            && read == 0
+            && *input.time() <= durable
+            && source.opened.elapsed() >= args.epoch_interval
+        {
+            // Idle and holding the frontier back: move out of the way, up to the in-flight
+            // bound, at most once per epoch interval (an idle job must not spin).
+            input.advance_to(durable + args.max_epochs_in_flight - 1);
+            source.opened = Instant::now();
         }
 
         if last_lag.0.elapsed() >= args.report_interval {

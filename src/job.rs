@@ -70,16 +70,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     reporter_stop.store(true, Ordering::Relaxed);
     let _ = reporter.join();
 
-    let elapsed = started.elapsed().as_secs_f64();
+    // The rate counts the time until the last write, not the idle wait before exiting.
+    let active = stats.active().as_secs_f64();
     let rows = Stats::get(&stats.rows_written);
     tracing::info!(
         records_read = Stats::get(&stats.records_read),
         rows_written = rows,
         dead_letters = Stats::get(&stats.dead_letters_written),
         replayed_skipped = Stats::get(&stats.replayed_skipped),
-        seconds = format!("{elapsed:.1}"),
-        rows_per_second = format!("{:.0}", rows as f64 / elapsed.max(1e-9)),
-        "job finished"
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        rows_per_second = format!("{:.0}", rows as f64 / active.max(1e-3)),
+        "job finished: {rows} rows written in {active:.2} s of work ({:.0} rows/s)",
+        rows as f64 / active.max(1e-3)
     );
     Ok(())
 }

@@ -2,9 +2,14 @@
 //! the /metrics endpoint). Plain atomics: cheap enough to bump per batch.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Stats {
+    /// When the process started (rates are measured from here).
+    pub started: Instant,
+    /// Milliseconds from `started` to the last committed write.
+    pub last_write_ms: AtomicU64,
     /// Messages taken from Kafka.
     pub records_read: AtomicU64,
     /// Messages that failed decoding (dead letters produced).
@@ -31,7 +36,39 @@ pub struct Stats {
     pub database_waiting: AtomicBool,
 }
 
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: Instant::now(),
+            last_write_ms: AtomicU64::new(0),
+            records_read: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
+            rows_written: AtomicU64::new(0),
+            dead_letters_written: AtomicU64::new(0),
+            replayed_skipped: AtomicU64::new(0),
+            transactions: AtomicU64::new(0),
+            offset_commits: AtomicU64::new(0),
+            database_errors: AtomicU64::new(0),
+            durable_epoch: AtomicU64::new(0),
+            lag: AtomicI64::new(0),
+            backpressured: AtomicBool::new(false),
+            database_waiting: AtomicBool::new(false),
+        }
+    }
+}
+
 impl Stats {
+    /// Notes that a write just committed.
+    pub fn mark_write(&self) {
+        self.last_write_ms
+            .fetch_max(self.started.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// Time from start to the last committed write.
+    pub fn active(&self) -> Duration {
+        Duration::from_millis(self.last_write_ms.load(Relaxed))
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }

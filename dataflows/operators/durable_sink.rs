@@ -77,7 +77,10 @@ impl<'scope> WriteDurably<'scope> for Stream<'scope, u64, Vec<Envelope>> {
                     if frontier.less_equal(entry.key()) {
                         break;
                     }
-                    let (epoch, (cap, records)) = entry.remove_entry();
+                    let (epoch, (cap, mut records)) = entry.remove_entry();
+                    // timely may reorder the containers of one epoch; put each partition's
+                    // records back in offset order (the watermarks rely on it).
+                    records.sort_unstable_by_key(|e| (e.partition, e.offset));
                     let batches = cut_batches(records, batch_size);
                     // The writer task lives as long as this operator holds `writer`.
                     let _ = writer.send(EpochWrite { epoch, batches });

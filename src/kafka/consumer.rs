@@ -35,7 +35,7 @@ pub enum Polled<'a> {
 
 /// Reads the partitions one worker owns.
 pub struct PartitionReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     topic: String,
     partitions: Vec<i32>,
     at_end: Vec<bool>,
@@ -48,7 +48,7 @@ impl PartitionReader {
         group: &str,
         starts: &[(i32, StartOffset)],
     ) -> Result<Self, KafkaError> {
-        let consumer: BaseConsumer = client_config(
+        let consumer: BaseConsumer<ReaderContext> = client_config(
             kafka,
             &[
                 ("group.id", group),
@@ -63,7 +63,7 @@ impl PartitionReader {
                 ("max.partition.fetch.bytes", "10485760"),
             ],
         )
-        .create()?;
+        .create_with_context(ReaderContext)?;
         let mut assignment = TopicPartitionList::new();
         for (partition, start) in starts {
             let offset = match start {
@@ -158,3 +158,17 @@ impl PartitionReader {
         }
     }
 }
+
+/// Client context of the job's consumers: partition-end events are expected (we ask for
+/// them to detect idleness), so they are not logged as errors.
+pub struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: RdError, reason: &str) {
+        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(error = %error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}

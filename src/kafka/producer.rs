@@ -1,7 +1,7 @@
 //! The producer used by the loadgen (and the gateway): keyed by serverId, idempotent,
 //! acks=all, and partitioned with murmur2 so it agrees with Java clients.
 
-use rdkafka::producer::{DefaultProducerContext, ThreadedProducer};
+use rdkafka::producer::ThreadedProducer;
 
 use super::{client_config, KafkaError};
 use crate::cli::KafkaArgs;
@@ -23,11 +23,4 @@ pub fn producer<C: rdkafka::producer::ProducerContext + 'static>(
     context: C,
 ) -> Result<ThreadedProducer<C>, KafkaError> {
     Ok(client_config(kafka, PRODUCER_DEFAULTS).create_with_context(context)?)
-}
-
-/// A producer that ignores delivery reports (flush tells whether everything went out).
-pub fn simple_producer(
-    kafka: &KafkaArgs,
-) -> Result<ThreadedProducer<DefaultProducerContext>, KafkaError> {
-    producer(kafka, DefaultProducerContext)
 }

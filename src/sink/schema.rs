@@ -87,14 +87,24 @@ pub async fn migrate(client: &mut Client, url: &str) -> Result<i32, SinkError> {
 
 async fn migrate_locked(client: &mut Client, url: &str) -> Result<i32, SinkError> {
     ensure_timescaledb(client, url).await?;
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS fleetflow_schema_version (
-                version    integer     PRIMARY KEY,
-                applied_at timestamptz NOT NULL DEFAULT now(),
-                summary    text        NOT NULL)",
+    // Checked first rather than IF NOT EXISTS, which logs a notice on every start.
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('fleetflow_schema_version') IS NOT NULL",
+            &[],
         )
-        .await?;
+        .await?
+        .get(0);
+    if !exists {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS fleetflow_schema_version (
+                    version    integer     PRIMARY KEY,
+                    applied_at timestamptz NOT NULL DEFAULT now(),
+                    summary    text        NOT NULL)",
+            )
+            .await?;
+    }
     let row = client
         .query_one(
             "SELECT coalesce(max(version), 0) FROM fleetflow_schema_version",

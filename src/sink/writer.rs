@@ -184,6 +184,7 @@ impl Writer {
         );
         Stats::add(&self.stats.replayed_skipped, plan.skipped);
         Stats::add(&self.stats.transactions, 1);
+        self.stats.mark_write();
         Ok(())
     }
 }

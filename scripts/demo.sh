@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The README's first command. On a fresh machine it installs and starts the local stack
+# (TimescaleDB + the nisshi broker; the first broker build takes about 15 minutes), builds
+# fleetflow, creates the topic with 4 partitions, produces a burst from 5,000 simulated
+# servers, runs the job as 2 processes x 2 workers until the topic is drained, and shows
+# what landed. Safe to run again: each run adds a new burst.
+#
+# Env: RECORDS (default 500000), SERVERS (default 5000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RECORDS="${RECORDS:-500000}"
+SERVERS="${SERVERS:-5000}"
+
+scripts/stack.sh up
+eval "$(scripts/stack.sh urls)"
+echo "== building fleetflow (release)"
+cargo build --release --quiet
+bin=target/release/fleetflow
+sql() { scripts/timescaledb.sh psql -X -q "$@"; }
+
+$bin topic create --partitions 4
+$bin migrate
+before=$(sql -Atc "SELECT count(*) FROM metrics")
+
+echo "== producing $RECORDS records from $SERVERS simulated servers"
+$bin loadgen --count "$RECORDS" --servers "$SERVERS"
+
+echo "== running the job: 2 processes x 2 workers"
+logs=target/demo && mkdir -p "$logs"
+hostfile="$logs/hostfile"
+printf '127.0.0.1:%s\n' 52101 52102 >"$hostfile"
+started=$(date +%s%N)
+pids=()
+for p in 0 1; do
+  FLEETFLOW_LOG=info $bin run --processes 2 --process-id $p --hostfile "$hostfile" --workers 2 \
+    --exit-when-idle 2s 2>"$logs/job-p$p.log" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+if [ "$status" != 0 ]; then
+  echo "the job failed; logs:" >&2; tail -n 20 "$logs"/job-p*.log >&2; exit 1
+fi
+grep -h "job finished" "$logs"/job-p*.log | sed 's/\x1b\[[0-9;]*m//g; s/^.*job finished: /  process: /'
+
+after=$(sql -Atc "SELECT count(*) FROM metrics")
+echo
+echo "== what landed"
+echo "  new rows: $((after - before))   (total in metrics: $after)"
+echo "  job wall time incl. start-up and the 2 s idle check: $(( ($(date +%s%N) - started) / 1000000 )) ms"
+sql -c "SELECT partition, next_offset, committed_at FROM fleetflow_offsets ORDER BY partition"
+echo "  sample query: the five busiest servers over the burst"
+sql -c "SELECT server_id, count(*) AS reports, round(avg(cpu)::numeric, 1) AS avg_cpu,
+               round(max(cpu)::numeric, 1) AS max_cpu, round(avg(ram)::numeric, 1) AS avg_ram
+          FROM metrics GROUP BY server_id ORDER BY avg_cpu DESC LIMIT 5"
+echo "logs: $logs/job-p0.log $logs/job-p1.log"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's second command, and what CI runs: starts the local stack the tests need
+# (TimescaleDB server; the tests start their own brokers from the cached nisshi build),
+# checks formatting, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/timescaledb.sh up
+scripts/broker.sh install
+cargo fmt --check
+# The integration tests each start a broker and a multi-process job: two at a time fit 2 cores.
+cargo test -- --test-threads=2

@@ -1,0 +1,423 @@
+//! The integration-test harness: a real nisshi broker per test (fresh, on a free port), a
+//! fresh database per test on the TimescaleDB server that `scripts/timescaledb.sh` runs, and
+//! helpers to launch the job as several real processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use fleetflow::cli::{KafkaArgs, LoadgenArgs};
+
+/// The repository root (where `scripts/` lives).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs one of the project's scripts and returns its trimmed stdout, panicking with its
+/// output when it fails.
+pub fn script(name: &str, args: &[&str], env: &[(&str, String)]) -> String {
+    let out = Command::new("bash")
+        .arg(repo().join("scripts").join(name))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run scripts/{name}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/{name} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A per-test directory for logs and broker state, kept after the test for inspection.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = repo()
+        .join("target")
+        .join("test-runs")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A nisshi broker with in-memory storage, stopped when dropped.
+pub struct Broker {
+    child: Child,
+    pub addr: String,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> Broker {
+        let binary = script("broker.sh", &["path"], &[]);
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        let child = Command::new(&binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://nisshi/"])
+            .current_dir(dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start nisshi at {binary}: {e} (run scripts/broker.sh install)")
+            });
+        wait_for_port(&addr, Duration::from_secs(20));
+        Broker { child, addr }
+    }
+
+    pub fn kafka(&self, topic: &str) -> KafkaArgs {
+        KafkaArgs {
+            brokers: self.addr.clone(),
+            topic: topic.to_owned(),
+            kafka_options: vec![],
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_port(addr: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A fresh database (with timescaledb available) on the shared test server.
+pub struct Database {
+    pub url: String,
+    pub name: String,
+}
+
+impl Database {
+    pub fn create(name: &str) -> Database {
+        let server = std::env::var("FLEETFLOW_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| script("timescaledb.sh", &["url"], &[]));
+        let name = format!("ff_{}_{}", name, std::process::id());
+        let runtime = runtime();
+        runtime.block_on(async {
+            let client = fleetflow::sink::connect(&server)
+                .await
+                .expect("test database server (scripts/timescaledb.sh up)");
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .unwrap();
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+        });
+        let url = match server.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("unexpected database URL {server}"),
+        };
+        Database { url, name }
+    }
+
+    /// Runs one query returning a single i64 (count, sum, ...).
+    pub fn scalar(&self, sql: &str) -> i64 {
+        runtime().block_on(async {
+            let client = fleetflow::sink::connect(&self.url).await.unwrap();
+            client
+                .query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .get::<_, i64>(0)
+        })
+    }
+
+    /// Runs a query returning (i32, i64) pairs.
+    pub fn pairs(&self, sql: &str) -> Vec<(i32, i64)> {
+        runtime().block_on(async {
+            let client = fleetflow::sink::connect(&self.url).await.unwrap();
+            let rows = client
+                .query(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        })
+    }
+
+    /// Rows in `metrics`, or 0 before the job created the table.
+    pub fn metric_rows(&self) -> i64 {
+        runtime().block_on(async {
+            let client = fleetflow::sink::connect(&self.url).await.unwrap();
+            match client.query_one("SELECT count(*) FROM metrics", &[]).await {
+                Ok(row) => row.get(0),
+                Err(_) => 0,
+            }
+        })
+    }
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A broker with a 4-partition topic and a fresh database.
+pub struct Stack {
+    pub dir: PathBuf,
+    pub broker: Broker,
+    pub db: Database,
+    pub topic: String,
+}
+
+impl Stack {
+    pub fn start(name: &str, partitions: i32) -> Stack {
+        let dir = test_dir(name);
+        let broker = Broker::start(&dir);
+        let db = Database::create(name);
+        let topic = "metrics".to_owned();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(fleetflow::kafka::admin::create_topic(
+            &broker.kafka(&topic),
+            partitions,
+            1,
+        ))
+        .unwrap();
+        Stack {
+            dir,
+            broker,
+            db,
+            topic,
+        }
+    }
+
+    /// Produces `count` records from `servers` simulated servers, all acknowledged.
+    pub fn produce(&self, count: u64, servers: u32, seed: u64, bad_fraction: f64) {
+        let args = LoadgenArgs {
+            kafka: self.broker.kafka(&self.topic),
+            servers,
+            interval: Duration::from_secs(10),
+            count: Some(count),
+            rate: None,
+            seed,
+            start_time: None,
+            bad_fraction,
+        };
+        let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
+        assert_eq!(
+            (report.delivered, report.failed),
+            (count, 0),
+            "not every record was acknowledged"
+        );
+    }
+
+    /// The end offset of every partition, from the broker.
+    pub fn end_offsets(&self, partitions: i32) -> Vec<(i32, i64)> {
+        (0..partitions)
+            .map(|p| {
+                (
+                    p,
+                    fleetflow::kafka::admin::end_offset(&self.broker.kafka(&self.topic), p)
+                        .unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Common arguments of `fleetflow run` against this stack.
+    pub fn run_args(&self) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--brokers".into(),
+            self.broker.addr.clone(),
+            "--topic".into(),
+            self.topic.clone(),
+            "--database-url".into(),
+            self.db.url.clone(),
+            "--report-interval".into(),
+            "1s".into(),
+        ]
+    }
+}
+
+/// The job as `processes` processes of `workers` threads each.
+pub struct Job {
+    pub children: Vec<Child>,
+    pub logs: Vec<PathBuf>,
+}
+
+impl Job {
+    pub fn start(
+        stack: &Stack,
+        label: &str,
+        processes: usize,
+        workers: usize,
+        extra: &[&str],
+    ) -> Job {
+        let hosts: Vec<String> = (0..processes)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let mut job = Job {
+            children: vec![],
+            logs: vec![],
+        };
+        for p in 0..processes {
+            let log_path = stack.dir.join(format!("{label}-p{p}.log"));
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetflow"));
+            cmd.args(stack.run_args())
+                .args([
+                    "--workers",
+                    &workers.to_string(),
+                    "--processes",
+                    &processes.to_string(),
+                ])
+                .args(["--process-id", &p.to_string()])
+                .args(extra)
+                .env("FLEETFLOW_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            if processes > 1 {
+                cmd.args(["--hosts", &hosts.join(",")]);
+            }
+            job.children.push(cmd.spawn().unwrap());
+            job.logs.push(log_path);
+        }
+        job
+    }
+
+    /// Waits for every process to exit; panics (showing the logs) after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Vec<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let mut statuses = vec![None; self.children.len()];
+        while statuses.iter().any(Option::is_none) {
+            for (i, child) in self.children.iter_mut().enumerate() {
+                if statuses[i].is_none() {
+                    statuses[i] = child.try_wait().unwrap();
+                }
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("job did not finish within {timeout:?}\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        statuses.into_iter().map(Option::unwrap).collect()
+    }
+
+    /// Waits and asserts every process exited 0.
+    pub fn wait_success(&mut self, timeout: Duration) {
+        let statuses = self.wait(timeout);
+        assert!(
+            statuses.iter().all(ExitStatus::success),
+            "job failed: {statuses:?}\n{}",
+            self.log_tail()
+        );
+    }
+
+    pub fn signal(&self, signal: &str) {
+        for child in &self.children {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status();
+        }
+    }
+
+    pub fn kill(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last lines of every process's log.
+    pub fn log_tail(&self) -> String {
+        self.logs
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                format!(
+                    "== {} ==\n{}",
+                    p.display(),
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Asserts the promise: exactly `expected` rows, no (server, time) or (partition, offset)
+/// twice, and the committed offsets at the end of every partition.
+pub fn assert_exactly_once(stack: &Stack, expected: i64, partitions: i32) {
+    let db = &stack.db;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM metrics"),
+        expected,
+        "row count"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM (SELECT DISTINCT server_id, time FROM metrics) d"),
+        expected,
+        "duplicate (server_id, time)"
+    );
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM metrics) d"
+        ),
+        expected,
+        "duplicate (partition, offset)"
+    );
+    let committed =
+        db.pairs("SELECT partition, next_offset FROM fleetflow_offsets ORDER BY partition");
+    assert_eq!(
+        committed,
+        stack.end_offsets(partitions),
+        "committed offsets are the partitions' end offsets"
+    );
+}
