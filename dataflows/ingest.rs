@@ -47,6 +47,8 @@ pub struct IngestContext {
     pub shutdown: Arc<AtomicBool>,
     /// Identifies this run in the audit table.
     pub run_id: String,
+    /// Whether rows are deduplicated on (serverId, time) (see `--dedup`).
+    pub natural_key: bool,
 }
 
 /// Runs the ingest dataflow on one worker until shutdown or, with `--exit-when-idle`, until
@@ -67,6 +69,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         worker: index,
         workers: peers,
         audit_run: args.audit.then(|| ctx.run_id.clone()),
+        natural_key: ctx.natural_key,
     };
     worker.dataflow::<u64, _, _>(|scope| {
         scope

@@ -65,6 +65,14 @@ pub enum StartFrom {
     Latest,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dedup {
+    /// Exactly-once per Kafka message (watermarks); no unique index.
+    None,
+    /// Also one row per (serverId, time), whatever the producer sent.
+    NaturalKey,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -132,6 +140,11 @@ pub struct RunArgs {
     /// Furthest accepted record timestamp into the future, relative to now.
     #[arg(long, env = "FLEETFLOW_MAX_FUTURE", default_value = "10m", value_parser = parse_duration)]
     pub max_future: Duration,
+    /// Duplicate handling beyond exactly-once delivery: `natural-key` also drops a record
+    /// whose (serverId, time) is already stored (a producer that sent the same report
+    /// twice). It adds a unique index on metrics (server_id, time) and costs ingest speed.
+    #[arg(long, env = "FLEETFLOW_DEDUP", value_enum, default_value_t = Dedup::None)]
+    pub dedup: Dedup,
     /// Record, per written batch, which worker wrote which serverIds (table
     /// fleetflow_audit). Costs a little; meant for tests and investigations.
     #[arg(long, env = "FLEETFLOW_AUDIT")]
@@ -165,6 +178,10 @@ pub struct LoadgenArgs {
     /// Fraction of records replaced by malformed ones (exercises the dead-letter path).
     #[arg(long, default_value_t = 0.0)]
     pub bad_fraction: f64,
+    /// Fraction of records sent a second time, as a retrying producer would (exercises
+    /// `run --dedup natural-key`).
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_fraction: f64,
 }
 
 #[derive(Subcommand, Debug)]

@@ -13,6 +13,7 @@ use crate::stats::Stats;
 
 /// Runs `fleetflow run` to completion (shutdown signal or `--exit-when-idle`).
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    install_panic_hook();
     let timely_config = crate::config::timely_config(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -23,10 +24,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let partitions = crate::kafka::admin::partition_count(&args.kafka)?;
     let url = args.database.database_url.clone();
-    let version = runtime.block_on(async {
+    let want_natural_key = args.dedup == crate::cli::Dedup::NaturalKey;
+    let (version, natural_key) = runtime.block_on(async {
         let mut client = crate::sink::connect(&url).await?;
-        crate::sink::schema::migrate(&mut client, &url).await
+        let version = crate::sink::schema::migrate(&mut client, &url).await?;
+        let natural_key = crate::sink::schema::natural_key_index(&client, want_natural_key).await?;
+        Ok::<_, crate::sink::SinkError>((version, natural_key))
     })?;
+    if natural_key && !want_natural_key {
+        tracing::warn!("metrics has the natural-key unique index from an earlier --dedup natural-key run; deduplicating on (server_id, time)");
+    }
     tracing::info!(
         topic = %args.kafka.topic, partitions, schema_version = version,
         process = args.process_id, processes = args.processes, workers_per_process = args.workers,
@@ -55,6 +62,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         stats: stats.clone(),
         shutdown,
         run_id,
+        natural_key,
     });
     let guards = timely::execute(timely_config, move |worker| {
         if let Err(e) = run_worker(worker, &ctx) {
@@ -78,6 +86,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         rows_written = rows,
         dead_letters = Stats::get(&stats.dead_letters_written),
         replayed_skipped = Stats::get(&stats.replayed_skipped),
+        natural_key_duplicates = Stats::get(&stats.natural_key_duplicates),
         seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
         rows_per_second = format!("{:.0}", rows as f64 / active.max(1e-3)),
         "job finished: {rows} rows written in {active:.2} s of work ({:.0} rows/s)",
@@ -139,4 +148,35 @@ fn spawn_reporter(
             );
         }
     })
+}
+
+/// Turns a panic into one line and an exit. The usual one: another process of the job died,
+/// and timely's network threads panic on the broken connection. Nothing is lost (what was
+/// not committed is read again); the whole job has to be restarted.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        if message.contains("timely communication error") {
+            eprintln!(
+                "fleetflow: lost the connection to another process of the job ({message}); stopping. \
+                 Restart every process of the job: uncommitted records are read again, nothing is lost."
+            );
+            std::process::exit(3);
+        }
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("fleetflow: internal error in thread {thread}: {message}{location}; stopping (please report this)");
+        std::process::exit(101);
+    }));
 }

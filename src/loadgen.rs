@@ -30,6 +30,10 @@ pub struct Fleet {
     start_ms: i64,
     next: u64,
     bad_fraction: f64,
+    duplicate_fraction: f64,
+    last: Option<(String, String)>,
+    /// Records sent a second time so far.
+    pub duplicates: u64,
 }
 
 impl Fleet {
@@ -39,6 +43,18 @@ impl Fleet {
         start_ms: i64,
         seed: u64,
         bad_fraction: f64,
+    ) -> Fleet {
+        Fleet::with_duplicates(servers, interval, start_ms, seed, bad_fraction, 0.0)
+    }
+
+    /// Like [`Fleet::new`], and also repeats a fraction of the records (a retrying producer).
+    pub fn with_duplicates(
+        servers: u32,
+        interval: Duration,
+        start_ms: i64,
+        seed: u64,
+        bad_fraction: f64,
+        duplicate_fraction: f64,
     ) -> Fleet {
         let mut rng = fastrand::Rng::with_seed(seed);
         let servers = (0..servers.max(1))
@@ -57,11 +73,28 @@ impl Fleet {
             start_ms,
             next: 0,
             bad_fraction,
+            duplicate_fraction,
+            last: None,
+            duplicates: 0,
         }
     }
 
     /// The next report: (key = serverId, JSON payload).
     pub fn next_record(&mut self) -> (String, String) {
+        if self.duplicate_fraction > 0.0 && self.rng.f64() < self.duplicate_fraction {
+            if let Some(last) = self.last.take() {
+                self.duplicates += 1;
+                return last;
+            }
+        }
+        let record = self.fresh_record();
+        if self.duplicate_fraction > 0.0 {
+            self.last = Some(record.clone());
+        }
+        record
+    }
+
+    fn fresh_record(&mut self) -> (String, String) {
         let n = self.servers.len() as u64;
         let (index, round) = ((self.next % n) as usize, (self.next / n) as i64);
         self.next += 1;
@@ -109,6 +142,8 @@ pub struct LoadgenReport {
     pub sent: u64,
     pub delivered: u64,
     pub failed: u64,
+    /// Records among `sent` that repeat an earlier one (`--duplicate-fraction`).
+    pub duplicates: u64,
     pub seconds: f64,
 }
 
@@ -134,12 +169,13 @@ pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenR
             .is_none()
             .then(|| servers as f64 / args.interval.as_secs_f64())
     });
-    let mut fleet = Fleet::new(
+    let mut fleet = Fleet::with_duplicates(
         servers,
         args.interval,
         start_ms,
         args.seed,
         args.bad_fraction,
+        args.duplicate_fraction,
     );
     let deliveries = Arc::new(Deliveries::default());
     let producer = crate::kafka::producer::producer(&args.kafka, ArcContext(deliveries.clone()))?;
@@ -183,6 +219,7 @@ pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenR
         sent,
         delivered: deliveries.delivered.load(Ordering::Relaxed),
         failed: deliveries.failed.load(Ordering::Relaxed),
+        duplicates: fleet.duplicates,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -46,8 +46,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             let report = fleetflow::loadgen::produce(&args, &stop)?;
             println!(
-                "loadgen: sent {} records in {:.2} s ({:.0} records/s); {} acknowledged, {} failed",
+                "loadgen: sent {} records ({} of them repeats) in {:.2} s ({:.0} records/s); {} acknowledged, {} failed",
                 report.sent,
+                report.duplicates,
                 report.seconds,
                 report.sent as f64 / report.seconds.max(1e-9),
                 report.delivered,

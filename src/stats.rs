@@ -20,6 +20,8 @@ pub struct Stats {
     pub dead_letters_written: AtomicU64,
     /// Replayed messages dropped because their watermark showed them already written.
     pub replayed_skipped: AtomicU64,
+    /// Rows not written because their (serverId, time) was already stored (`--dedup natural-key`).
+    pub natural_key_duplicates: AtomicU64,
     /// Write transactions committed.
     pub transactions: AtomicU64,
     /// Offset commits stored in the database.
@@ -46,6 +48,7 @@ impl Default for Stats {
             rows_written: AtomicU64::new(0),
             dead_letters_written: AtomicU64::new(0),
             replayed_skipped: AtomicU64::new(0),
+            natural_key_duplicates: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
             offset_commits: AtomicU64::new(0),
             database_errors: AtomicU64::new(0),

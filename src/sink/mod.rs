@@ -25,6 +25,8 @@ pub enum SinkError {
     TimescaleUnusable { target: String, message: String },
     #[error("the database schema is at version {found}, newer than this fleetflow knows ({known}); upgrade fleetflow")]
     SchemaTooNew { found: i32, known: i32 },
+    #[error("cannot enable --dedup natural-key (metrics may already hold duplicate (server_id, time) rows): {0}")]
+    NaturalKey(String),
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
 }

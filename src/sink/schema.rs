@@ -134,6 +134,38 @@ async fn migrate_locked(client: &mut Client, url: &str) -> Result<i32, SinkError
     Ok(current)
 }
 
+/// Name of the optional unique index behind `--dedup natural-key`.
+const NATURAL_KEY_INDEX: &str = "metrics_natural_key";
+
+/// Creates the natural-key unique index when asked to; returns whether it exists (an index
+/// left by an earlier `--dedup natural-key` run keeps that mode on, since a plain COPY of a
+/// duplicate would now fail).
+pub async fn natural_key_index(client: &Client, create: bool) -> Result<bool, SinkError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&NATURAL_KEY_INDEX])
+        .await?
+        .get(0);
+    if exists || !create {
+        return Ok(exists);
+    }
+    tracing::info!(
+        "creating the unique index on metrics (server_id, time) for --dedup natural-key"
+    );
+    client
+        .batch_execute(&format!(
+            "CREATE UNIQUE INDEX IF NOT EXISTS {NATURAL_KEY_INDEX} ON metrics (server_id, time)"
+        ))
+        .await
+        .map_err(|e| {
+            SinkError::NaturalKey(
+                e.as_db_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_else(|| e.to_string()),
+            )
+        })?;
+    Ok(true)
+}
+
 async fn ensure_timescaledb(client: &Client, url: &str) -> Result<(), SinkError> {
     let installed = client
         .query_opt(

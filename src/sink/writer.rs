@@ -30,6 +30,14 @@ const MAX_ROWS_PER_TRANSACTION: usize = 50_000;
 
 const COPY_METRICS: &str =
     "COPY metrics (time, server_id, cpu, ram, extra, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";
+const COPY_STAGING: &str =
+    "COPY fleetflow_staging (time, server_id, cpu, ram, extra, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";
+/// Per connection, for `--dedup natural-key`: rows go here first, then into metrics
+/// unless their (server_id, time) is already there.
+const CREATE_STAGING: &str =
+    "CREATE TEMP TABLE fleetflow_staging (LIKE metrics) ON COMMIT DELETE ROWS";
+const INSERT_FROM_STAGING: &str =
+    "INSERT INTO metrics SELECT * FROM fleetflow_staging ON CONFLICT (server_id, time) DO NOTHING";
 const COPY_TYPES: [Type; 7] = [
     Type::TIMESTAMPTZ,
     Type::TEXT,
@@ -50,6 +58,8 @@ pub struct WriterSettings {
     pub workers: usize,
     /// When set, record which serverIds each transaction wrote, under this run id.
     pub audit_run: Option<String>,
+    /// Write through a staging table with `ON CONFLICT (server_id, time) DO NOTHING`.
+    pub natural_key: bool,
 }
 
 /// One epoch's rows for this worker, already cut into COPY batches.
@@ -161,13 +171,25 @@ impl Writer {
             let owned =
                 crate::partitioning::owned_key_groups(self.settings.worker, self.settings.workers);
             self.watermarks = load_watermarks(&client, &self.settings.topic, &owned).await?;
+            if self.settings.natural_key {
+                client.batch_execute(CREATE_STAGING).await?;
+            }
             self.client = Some(client);
         }
         let plan = plan(group, &self.watermarks);
         let client = self.client.as_mut().expect("connected above");
         let tx = client.transaction().await?;
+        let copy = if self.settings.natural_key {
+            COPY_STAGING
+        } else {
+            COPY_METRICS
+        };
         for batch in &plan.batches {
-            copy_batch(&tx, batch).await?;
+            copy_batch(&tx, copy, batch).await?;
+        }
+        let mut rows = plan.rows;
+        if self.settings.natural_key && rows > 0 {
+            rows = tx.execute(INSERT_FROM_STAGING, &[]).await?;
         }
         insert_dead_letters(&tx, &self.settings.topic, &plan.dead_letters).await?;
         raise_watermarks(&tx, &self.settings.topic, &plan.watermarks).await?;
@@ -177,7 +199,8 @@ impl Writer {
         tx.commit().await?;
 
         self.watermarks.extend(plan.watermarks);
-        Stats::add(&self.stats.rows_written, plan.rows);
+        Stats::add(&self.stats.rows_written, rows);
+        Stats::add(&self.stats.natural_key_duplicates, plan.rows - rows);
         Stats::add(
             &self.stats.dead_letters_written,
             plan.dead_letters.len() as u64,
@@ -235,8 +258,12 @@ impl Serialize for ExtraFields<'_> {
     }
 }
 
-async fn copy_batch(tx: &Transaction<'_>, batch: &[&Envelope]) -> Result<(), SinkError> {
-    let sink = tx.copy_in(COPY_METRICS).await?;
+async fn copy_batch(
+    tx: &Transaction<'_>,
+    statement: &str,
+    batch: &[&Envelope],
+) -> Result<(), SinkError> {
+    let sink = tx.copy_in(statement).await?;
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     pin_mut!(writer);
     for env in batch {

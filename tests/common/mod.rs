@@ -53,19 +53,59 @@ pub fn test_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A nisshi broker with in-memory storage, stopped when dropped.
+/// A nisshi broker, stopped when dropped: in-memory storage, or sqlite (durable across a
+/// restart of the broker, for outage tests).
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     pub addr: String,
+    dir: PathBuf,
+    sqlite: bool,
 }
 
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
+        Broker::launch(dir, false)
+    }
+
+    pub fn start_durable(dir: &Path) -> Broker {
+        Broker::launch(dir, true)
+    }
+
+    fn launch(dir: &Path, sqlite: bool) -> Broker {
+        let mut broker = Broker {
+            child: None,
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir: dir.to_owned(),
+            sqlite,
+        };
+        broker.restart();
+        broker
+    }
+
+    /// Stops the broker (SIGKILL): clients see it vanish.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port with the same storage.
+    pub fn restart(&mut self) {
+        self.stop();
         let binary = script("broker.sh", &["path"], &[]);
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let url = format!("tcp://{addr}");
-        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        let url = format!("tcp://{}", self.addr);
+        // nisshi resolves sqlite paths relative to its working directory.
+        let storage = if self.sqlite {
+            "sqlite://broker.db"
+        } else {
+            "memory://nisshi/"
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("broker.log"))
+            .unwrap();
         let child = Command::new(&binary)
             .args([
                 "broker",
@@ -73,17 +113,18 @@ impl Broker {
                 &url,
                 "--advertised-listener-url",
                 &url,
+                "--storage-engine",
+                storage,
             ])
-            .args(["--storage-engine", "memory://nisshi/"])
-            .current_dir(dir)
+            .current_dir(&self.dir)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("cannot start nisshi at {binary}: {e} (run scripts/broker.sh install)")
             });
-        wait_for_port(&addr, Duration::from_secs(20));
-        Broker { child, addr }
+        self.child = Some(child);
+        wait_for_port(&self.addr, Duration::from_secs(20));
     }
 
     pub fn kafka(&self, topic: &str) -> KafkaArgs {
@@ -97,8 +138,48 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
+    }
+}
+
+/// A TimescaleDB server of the test's own (so it can be stopped and started), on a free
+/// port, through the same script users run.
+pub struct PrivateServer {
+    env: Vec<(&'static str, String)>,
+    pub url: String,
+}
+
+impl PrivateServer {
+    pub fn start(dir: &Path) -> PrivateServer {
+        let port = free_port().to_string();
+        let env = vec![
+            ("FLEETFLOW_PG_PORT", port),
+            (
+                "FLEETFLOW_PG_DATA",
+                dir.join("pgdata").display().to_string(),
+            ),
+        ];
+        script("timescaledb.sh", &["up"], &env);
+        let url = script("timescaledb.sh", &["url"], &env);
+        PrivateServer { env, url }
+    }
+
+    pub fn stop(&self) {
+        script("timescaledb.sh", &["down"], &self.env);
+    }
+
+    pub fn start_again(&self) {
+        script("timescaledb.sh", &["up"], &self.env);
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("scripts/timescaledb.sh"))
+            .arg("down")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output();
     }
 }
 
@@ -120,13 +201,18 @@ pub struct Database {
 }
 
 impl Database {
+    /// A fresh database on the shared test server.
     pub fn create(name: &str) -> Database {
         let server = std::env::var("FLEETFLOW_TEST_DATABASE_URL")
             .unwrap_or_else(|_| script("timescaledb.sh", &["url"], &[]));
+        Database::create_on(&server, name)
+    }
+
+    /// A fresh database on the server at `server` (a URL of any database there).
+    pub fn create_on(server: &str, name: &str) -> Database {
         let name = format!("ff_{}_{}", name, std::process::id());
-        let runtime = runtime();
-        runtime.block_on(async {
-            let client = fleetflow::sink::connect(&server)
+        runtime().block_on(async {
+            let client = fleetflow::sink::connect(server)
                 .await
                 .expect("test database server (scripts/timescaledb.sh up)");
             client
@@ -143,6 +229,17 @@ impl Database {
             None => panic!("unexpected database URL {server}"),
         };
         Database { url, name }
+    }
+
+    /// Runs statements that return nothing.
+    pub fn execute(&self, sql: &str) {
+        runtime().block_on(async {
+            let client = fleetflow::sink::connect(&self.url).await.unwrap();
+            client
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        })
     }
 
     /// Runs one query returning a single i64 (count, sum, ...).
@@ -197,10 +294,16 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// A fresh in-memory broker with the topic, and a fresh database on the shared server.
     pub fn start(name: &str, partitions: i32) -> Stack {
         let dir = test_dir(name);
         let broker = Broker::start(&dir);
         let db = Database::create(name);
+        Stack::with(dir, broker, db, partitions)
+    }
+
+    /// A stack from parts (a durable broker, a private database server, ...).
+    pub fn with(dir: PathBuf, broker: Broker, db: Database, partitions: i32) -> Stack {
         let topic = "metrics".to_owned();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -232,6 +335,7 @@ impl Stack {
             seed,
             start_time: None,
             bad_fraction,
+            duplicate_fraction: 0.0,
         };
         let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
         assert_eq!(
@@ -264,8 +368,6 @@ impl Stack {
             self.topic.clone(),
             "--database-url".into(),
             self.db.url.clone(),
-            "--report-interval".into(),
-            "1s".into(),
         ]
     }
 }
@@ -305,6 +407,7 @@ impl Job {
                 .args(["--process-id", &p.to_string()])
                 .args(extra)
                 .env("FLEETFLOW_LOG", "info")
+                .env("FLEETFLOW_REPORT_INTERVAL", "1s")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log);
@@ -420,4 +523,89 @@ pub fn assert_exactly_once(stack: &Stack, expected: i64, partitions: i32) {
         stack.end_offsets(partitions),
         "committed offsets are the partitions' end offsets"
     );
+}
+
+impl Job {
+    /// SIGKILLs process `index` (a crash), then gives the others `grace` to notice and exit
+    /// on their own before killing them too. Returns how many exited on their own.
+    pub fn crash(&mut self, index: usize, grace: Duration) -> usize {
+        let _ = self.children[index].kill();
+        let _ = self.children[index].wait();
+        let deadline = Instant::now() + grace;
+        let mut exited = 0;
+        for (i, child) in self.children.iter_mut().enumerate() {
+            if i == index {
+                continue;
+            }
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    exited += 1;
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        exited
+    }
+}
+
+impl Stack {
+    /// Produces `count` records in a background thread at `rate` records/s.
+    pub fn produce_in_background(
+        &self,
+        count: u64,
+        servers: u32,
+        seed: u64,
+        rate: f64,
+    ) -> std::thread::JoinHandle<()> {
+        let args = LoadgenArgs {
+            kafka: self.broker.kafka(&self.topic),
+            servers,
+            interval: Duration::from_secs(10),
+            count: Some(count),
+            rate: Some(rate),
+            seed,
+            start_time: None,
+            bad_fraction: 0.0,
+            duplicate_fraction: 0.0,
+        };
+        std::thread::spawn(move || {
+            let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
+            assert_eq!(
+                (report.delivered, report.failed),
+                (count, 0),
+                "not every record was acknowledged"
+            );
+        })
+    }
+
+    /// Waits until `metrics` holds at least `rows` rows.
+    pub fn wait_for_rows(&self, rows: i64, timeout: Duration, job: &mut Job) -> i64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for child in &mut job.children {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!(
+                        "a job process exited ({status}) before {rows} rows were written\n{}",
+                        job.log_tail()
+                    );
+                }
+            }
+            let n = self.db.metric_rows();
+            if n >= rows {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {n} of {rows} rows after {timeout:?}\n{}",
+                job.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
