@@ -30,6 +30,59 @@ pub enum Command {
     Topic(TopicCommand),
     /// Create or upgrade the database schema, then exit.
     Migrate(DatabaseArgs),
+    /// HTTP ingest gateway in front of Kafka.
+    Gateway(GatewayArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "FLEETFLOW_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: String,
+    /// Largest request body, in bytes (413 beyond).
+    #[arg(long, env = "FLEETFLOW_GATEWAY_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest single record, in bytes (the job's --max-message-bytes).
+    #[arg(long, env = "FLEETFLOW_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_record_bytes: usize,
+    /// Records per second each serverId may send (token bucket; default: no limit).
+    #[arg(long, env = "FLEETFLOW_GATEWAY_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+    /// Bucket size of the per-serverId limit: records a server may send at once.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_RATE_BURST", default_value_t = 10)]
+    pub rate_burst: u32,
+    /// Records produced but not yet acknowledged by Kafka, at most (503 beyond).
+    #[arg(
+        long,
+        env = "FLEETFLOW_GATEWAY_MAX_IN_FLIGHT",
+        default_value_t = 100_000
+    )]
+    pub max_in_flight: usize,
+    /// How long a record may wait for Kafka's acknowledgement before the request fails.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_PRODUCE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub produce_timeout: Duration,
+    /// Producer batching: linger.ms.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u32,
+    /// Producer batching: batch.num.messages.
+    #[arg(
+        long,
+        env = "FLEETFLOW_GATEWAY_BATCH_RECORDS",
+        default_value_t = 10_000
+    )]
+    pub batch_records: u32,
+    /// Oldest accepted record timestamp, relative to now.
+    #[arg(long, env = "FLEETFLOW_MAX_AGE", default_value = "365days", value_parser = parse_duration)]
+    pub max_age: Duration,
+    /// Furthest accepted record timestamp into the future, relative to now.
+    #[arg(long, env = "FLEETFLOW_MAX_FUTURE", default_value = "10m", value_parser = parse_duration)]
+    pub max_future: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -178,6 +231,15 @@ pub struct LoadgenArgs {
     /// Fraction of records replaced by malformed ones (exercises the dead-letter path).
     #[arg(long, default_value_t = 0.0)]
     pub bad_fraction: f64,
+    /// Send to the gateway at this URL (e.g. http://127.0.0.1:8080) instead of straight to Kafka.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_URL")]
+    pub gateway: Option<String>,
+    /// Records per HTTP request when sending to the gateway.
+    #[arg(long, default_value_t = 500)]
+    pub http_batch: usize,
+    /// Concurrent HTTP requests when sending to the gateway.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
     /// Fraction of records sent a second time, as a retrying producer would (exercises
     /// `run --dedup natural-key`).
     #[arg(long, default_value_t = 0.0)]

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod envelope;
+pub mod gateway;
 pub mod job;
 pub mod kafka;
 pub mod loadgen;

@@ -144,11 +144,26 @@ pub struct LoadgenReport {
     pub failed: u64,
     /// Records among `sent` that repeat an earlier one (`--duplicate-fraction`).
     pub duplicates: u64,
+    /// Records the gateway refused as invalid (with `--gateway`; expected with `--bad-fraction`).
+    pub rejected: u64,
     pub seconds: f64,
 }
 
-/// Produces the fleet's records to Kafka until `--count` is reached or `stop` is set.
+/// Produces the fleet's records until `--count` is reached or `stop` is set: to Kafka, or
+/// through the gateway with `--gateway`.
 pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenReport> {
+    if let Some(url) = &args.gateway {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        return runtime.block_on(produce_http(args, url, stop));
+    }
+    produce_kafka(args, stop)
+}
+
+/// When the first round starts and how fast to send, from the flags.
+fn plan(args: &LoadgenArgs) -> anyhow::Result<(i64, Option<f64>)> {
     let servers = args.servers.max(1);
     let interval_ms = args.interval.as_millis() as i64;
     let start_ms = match &args.start_time {
@@ -156,6 +171,7 @@ pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenR
             .with_context(|| format!("--start-time {t:?} is not RFC 3339"))?
             .timestamp_millis(),
         None => {
+            // Rounds end at "now" at the latest, so the job's future bound never rejects them.
             let rounds = args
                 .count
                 .map(|c| c.div_ceil(servers as u64) as i64)
@@ -169,14 +185,116 @@ pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenR
             .is_none()
             .then(|| servers as f64 / args.interval.as_secs_f64())
     });
-    let mut fleet = Fleet::with_duplicates(
-        servers,
+    Ok((start_ms, rate))
+}
+
+fn fleet_for(args: &LoadgenArgs, start_ms: i64) -> Fleet {
+    Fleet::with_duplicates(
+        args.servers.max(1),
         args.interval,
         start_ms,
         args.seed,
         args.bad_fraction,
         args.duplicate_fraction,
-    );
+    )
+}
+
+/// Sleeps until record number `sent` is due at `rate` records/s.
+async fn pace(started: Instant, sent: u64, rate: Option<f64>) {
+    if let Some(rate) = rate {
+        let due = Duration::from_secs_f64(sent as f64 / rate);
+        let elapsed = started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+/// Sends batches of NDJSON to the gateway over `--connections` keep-alive connections,
+/// retrying a batch after Retry-After on 429 and 503.
+async fn produce_http(
+    args: &LoadgenArgs,
+    url: &str,
+    stop: &AtomicBool,
+) -> anyhow::Result<LoadgenReport> {
+    let (start_ms, rate) = plan(args)?;
+    let fleet = std::sync::Mutex::new(fleet_for(args, start_ms));
+    let endpoint = format!("{}/v1/metrics", url.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()?;
+    let sent = AtomicU64::new(0);
+    let accepted = AtomicU64::new(0);
+    let rejected = AtomicU64::new(0);
+    let started = Instant::now();
+    let worker = || async {
+        loop {
+            let body = {
+                let mut fleet = fleet.lock().expect("fleet lock");
+                let already = sent.load(Ordering::Relaxed);
+                let room = args.count.map_or(args.http_batch as u64, |c| {
+                    c.saturating_sub(already).min(args.http_batch as u64)
+                });
+                if room == 0 || stop.load(Ordering::Relaxed) {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                sent.fetch_add(room, Ordering::Relaxed);
+                (0..room)
+                    .map(|_| fleet.next_record().1 + "\n")
+                    .collect::<String>()
+            };
+            pace(started, sent.load(Ordering::Relaxed), rate).await;
+            loop {
+                let response = client
+                    .post(&endpoint)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach the gateway at {endpoint}"))?;
+                let status = response.status().as_u16();
+                let retry = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1);
+                let reply: serde_json::Value =
+                    serde_json::from_slice(&response.bytes().await.unwrap_or_default())
+                        .unwrap_or_default();
+                match status {
+                    202 | 400 => {
+                        accepted
+                            .fetch_add(reply["accepted"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                        rejected.fetch_add(
+                            reply["rejected"].as_array().map_or(0, |r| r.len() as u64),
+                            Ordering::Relaxed,
+                        );
+                        break;
+                    }
+                    429 | 503 => tokio::time::sleep(Duration::from_secs(retry)).await,
+                    other => anyhow::bail!("the gateway answered {other}: {reply}"),
+                }
+            }
+        }
+    };
+    let results =
+        futures_util::future::join_all((0..args.connections.max(1)).map(|_| worker())).await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    let duplicates = fleet.lock().expect("fleet lock").duplicates;
+    Ok(LoadgenReport {
+        sent: sent.load(Ordering::Relaxed),
+        delivered: accepted.load(Ordering::Relaxed),
+        failed: 0,
+        duplicates,
+        rejected: rejected.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Produces straight to Kafka.
+fn produce_kafka(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenReport> {
+    let (start_ms, rate) = plan(args)?;
+    let mut fleet = fleet_for(args, start_ms);
     let deliveries = Arc::new(Deliveries::default());
     let producer = crate::kafka::producer::producer(&args.kafka, ArcContext(deliveries.clone()))?;
 
@@ -220,6 +338,7 @@ pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenR
         delivered: deliveries.delivered.load(Ordering::Relaxed),
         failed: deliveries.failed.load(Ordering::Relaxed),
         duplicates: fleet.duplicates,
+        rejected: 0,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -46,12 +46,13 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             let report = fleetflow::loadgen::produce(&args, &stop)?;
             println!(
-                "loadgen: sent {} records ({} of them repeats) in {:.2} s ({:.0} records/s); {} acknowledged, {} failed",
+                "loadgen: sent {} records ({} of them repeats) in {:.2} s ({:.0} records/s); {} acknowledged, {} rejected as invalid, {} failed",
                 report.sent,
                 report.duplicates,
                 report.seconds,
                 report.sent as f64 / report.seconds.max(1e-9),
                 report.delivered,
+                report.rejected,
                 report.failed
             );
             anyhow::ensure!(
@@ -77,6 +78,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 kafka.topic, kafka.brokers
             );
             Ok(())
+        }
+        Command::Gateway(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(fleetflow::gateway::serve(args))
         }
         Command::Migrate(db) => {
             let runtime = tokio::runtime::Runtime::new()?;

@@ -94,6 +94,9 @@ fn natural_key_dedup_drops_repeated_reports() {
         start_time: None,
         bad_fraction: 0.0,
         duplicate_fraction: 0.1,
+        gateway: None,
+        http_batch: 500,
+        connections: 1,
     };
     let report =
         fleetflow::loadgen::produce(&args, &std::sync::atomic::AtomicBool::new(false)).unwrap();

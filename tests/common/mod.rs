@@ -336,6 +336,9 @@ impl Stack {
             start_time: None,
             bad_fraction,
             duplicate_fraction: 0.0,
+            gateway: None,
+            http_batch: 500,
+            connections: 1,
         };
         let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
         assert_eq!(
@@ -573,6 +576,9 @@ impl Stack {
             start_time: None,
             bad_fraction: 0.0,
             duplicate_fraction: 0.0,
+            gateway: None,
+            http_batch: 500,
+            connections: 1,
         };
         std::thread::spawn(move || {
             let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
@@ -608,4 +614,63 @@ impl Stack {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A `fleetflow gateway` process in front of a broker, stopped when dropped.
+pub struct Gateway {
+    pub child: Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(stack: &Stack, extra: &[&str]) -> Gateway {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = stack
+            .dir
+            .join(format!("gateway-{}.log", addr.replace(':', "_")));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetflow"))
+            .args([
+                "gateway",
+                "--listen",
+                &addr,
+                "--brokers",
+                &stack.broker.addr,
+                "--topic",
+                &stack.topic,
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        wait_for_port(&addr, Duration::from_secs(20));
+        Gateway {
+            child,
+            url: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Messages in the topic: the sum of the partitions' end offsets.
+pub fn messages_in_topic(stack: &Stack, partitions: i32) -> i64 {
+    stack
+        .end_offsets(partitions)
+        .iter()
+        .map(|(_, end)| end)
+        .sum()
 }
