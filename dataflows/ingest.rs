@@ -179,6 +179,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     }
     commits.mirror(&reader);
     ctx.stats.lag.fetch_sub(last_lag.1, Ordering::Relaxed);
+    if let Ok(mut total) = ctx.stats.latency.lock() {
+        let _ = total.add(&commits.latency);
+    }
     tracing::info!(
         worker = index,
         "worker finished; everything it read is durable and committed"
@@ -240,8 +243,18 @@ struct Source {
     /// Records in the open epoch, and when its first record arrived.
     in_epoch: usize,
     opened: Instant,
-    /// Closed epochs not yet durable, with the offsets reached when each closed.
-    closed: VecDeque<(u64, Vec<(i32, i64)>)>,
+    /// Kafka timestamps (ms) of the open epoch's records, for end-to-end latency.
+    produced_ms: Vec<i64>,
+    /// Closed epochs not yet durable.
+    closed: VecDeque<ClosedEpoch>,
+}
+
+/// An epoch the source has closed: what to commit, and what to measure, once it is durable.
+struct ClosedEpoch {
+    epoch: u64,
+    /// Next offset to read per partition when the epoch closed.
+    offsets: Vec<(i32, i64)>,
+    produced_ms: Vec<i64>,
 }
 
 impl Source {
@@ -257,6 +270,7 @@ impl Source {
             next,
             in_epoch: 0,
             opened: Instant::now(),
+            produced_ms: Vec::new(),
             closed: VecDeque::new(),
         }
     }
@@ -286,6 +300,9 @@ impl Source {
             };
             let raw = message.payload().unwrap_or_default();
             let time_ms = message.timestamp().to_millis();
+            if let Some(t) = time_ms {
+                self.produced_ms.push(t);
+            }
             let decoded = decode(raw, message.key(), time_ms, now, &ctx.limits);
             if decoded.is_err() {
                 dead += 1;
@@ -316,7 +333,12 @@ impl Source {
         input: &mut InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<Envelope>>>,
     ) {
         let epoch = *input.time();
-        self.closed.push_back((epoch, self.next_offsets()));
+        let produced_ms = std::mem::take(&mut self.produced_ms);
+        self.closed.push_back(ClosedEpoch {
+            epoch,
+            offsets: self.next_offsets(),
+            produced_ms,
+        });
         input.advance_to(epoch + 1);
         self.in_epoch = 0;
     }
@@ -326,6 +348,8 @@ impl Source {
 /// the database (at most once per commit interval) and then to the consumer group.
 struct Commits {
     committer: Committer,
+    /// Produce-to-durable latency of every record, in milliseconds.
+    latency: hdrhistogram::Histogram<u64>,
     ready: Option<Vec<(i32, i64)>>,
     last: Instant,
     /// A commit sent to the database whose offsets go to the consumer group once it lands.
@@ -337,6 +361,8 @@ impl Commits {
     fn new(committer: Committer) -> Self {
         Commits {
             committer,
+            latency: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2)
+                .expect("valid histogram bounds"),
             ready: None,
             last: Instant::now(),
             mirror_after: None,
@@ -347,13 +373,18 @@ impl Commits {
     fn advance(
         &mut self,
         durable: u64,
-        closed: &mut VecDeque<(u64, Vec<(i32, i64)>)>,
+        closed: &mut VecDeque<ClosedEpoch>,
         interval: Duration,
         reader: &PartitionReader,
         force: bool,
     ) {
-        while closed.front().is_some_and(|(epoch, _)| *epoch < durable) {
-            self.ready = closed.pop_front().map(|(_, offsets)| offsets);
+        let now = now_ms();
+        while let Some(done) = closed.pop_front_if(|c| c.epoch < durable) {
+            for produced in &done.produced_ms {
+                self.latency
+                    .saturating_record((now - produced).max(1) as u64);
+            }
+            self.ready = Some(done.offsets);
         }
         if self.ready.as_ref() == Some(&self.committed) {
             self.ready = None;

@@ -32,6 +32,42 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// HTTP ingest gateway in front of Kafka.
     Gateway(GatewayArgs),
+    /// Measure the job against the Kafka and database ceilings (prints a table, writes JSON).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Brokers, and the prefix of the fresh topics the benchmark creates.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// A database on the server where the benchmark creates its fresh databases.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Records in the pre-loaded topic.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    /// Simulated servers.
+    #[arg(long, default_value_t = 5000)]
+    pub servers: u32,
+    /// Job shapes to run, PROCESSESxWORKERS.
+    #[arg(long, value_delimiter = ',', default_value = "1x1,1x2,2x2")]
+    pub shapes: Vec<String>,
+    /// Also run 2x2 with --dedup natural-key, for its cost.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub dedup_run: bool,
+    /// Parallel connections of the database-ceiling COPY.
+    #[arg(long, default_value_t = 2)]
+    pub db_connections: usize,
+    /// Length of the steady-state latency run, in seconds (0 skips it).
+    #[arg(long, default_value_t = 20)]
+    pub latency_seconds: u64,
+    /// Steady-state produce rate, as a fraction of the best job rate.
+    #[arg(long, default_value_t = 0.5)]
+    pub steady_fraction: f64,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-results.json")]
+    pub output: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -78,6 +78,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     reporter_stop.store(true, Ordering::Relaxed);
     let _ = reporter.join();
 
+    let latency = stats
+        .latency
+        .lock()
+        .map(|h| {
+            if h.is_empty() {
+                (0, 0)
+            } else {
+                (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+            }
+        })
+        .unwrap_or((0, 0));
     // The rate counts the time until the last write, not the idle wait before exiting.
     let active = stats.active().as_secs_f64();
     let rows = Stats::get(&stats.rows_written);
@@ -88,6 +99,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         replayed_skipped = Stats::get(&stats.replayed_skipped),
         natural_key_duplicates = Stats::get(&stats.natural_key_duplicates),
         seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        active_seconds = format!("{active:.3}"),
+        cpu_seconds = format!("{:.2}", crate::stats::cpu_seconds().unwrap_or(f64::NAN)),
+        peak_rss_mib = format!("{:.1}", crate::stats::peak_rss_mib().unwrap_or(f64::NAN)),
+        latency_p50_ms = latency.0,
+        latency_p99_ms = latency.1,
         rows_per_second = format!("{:.0}", rows as f64 / active.max(1e-3)),
         "job finished: {rows} rows written in {active:.2} s of work ({:.0} rows/s)",
         rows as f64 / active.max(1e-3)

@@ -83,6 +83,14 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(fleetflow::gateway::serve(args))
         }
+        Command::Bench(args) => {
+            let output = args.output.clone();
+            let report = fleetflow::bench::run(args)?;
+            print!("{}", fleetflow::bench::table(&report));
+            std::fs::write(&output, serde_json::to_string_pretty(&report)?)?;
+            println!("written to {}", output.display());
+            Ok(())
+        }
         Command::Migrate(db) => {
             let runtime = tokio::runtime::Runtime::new()?;
             let version = runtime.block_on(async {
@@ -103,6 +111,8 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log files and CI output stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

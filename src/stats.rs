@@ -36,6 +36,8 @@ pub struct Stats {
     pub backpressured: AtomicBool,
     /// Some writer is waiting for the database to come back.
     pub database_waiting: AtomicBool,
+    /// Produce-to-durable latency (ms) of every record, merged from the workers at exit.
+    pub latency: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 impl Default for Stats {
@@ -56,6 +58,10 @@ impl Default for Stats {
             lag: AtomicI64::new(0),
             backpressured: AtomicBool::new(false),
             database_waiting: AtomicBool::new(false),
+            latency: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2)
+                    .expect("valid histogram bounds"),
+            ),
         }
     }
 }
@@ -79,4 +85,22 @@ impl Stats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Relaxed)
     }
+}
+
+/// CPU seconds (user + system) this process has used, from /proc (Linux).
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
+}
+
+/// Peak resident memory of this process, in MiB, from /proc (Linux).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }

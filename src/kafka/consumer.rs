@@ -15,6 +15,14 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{client_config, KafkaError};
 use crate::cli::KafkaArgs;
 
+/// Throughput settings of the job's consumers (the user's `-X` options still win):
+/// librdkafka's defaults leave throughput on the table (infrastructure.md).
+pub const CONSUMER_TUNING: &[(&str, &str)] = &[
+    ("queued.min.messages", "200000"),
+    ("fetch.max.bytes", "52428800"),
+    ("max.partition.fetch.bytes", "10485760"),
+];
+
 /// Where a partition starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartOffset {
@@ -48,22 +56,17 @@ impl PartitionReader {
         group: &str,
         starts: &[(i32, StartOffset)],
     ) -> Result<Self, KafkaError> {
-        let consumer: BaseConsumer<ReaderContext> = client_config(
-            kafka,
-            &[
-                ("group.id", group),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("enable.partition.eof", "true"),
-                // A committed offset that retention deleted: start at what is left.
-                ("auto.offset.reset", "earliest"),
-                // librdkafka's defaults leave throughput on the table (infrastructure.md).
-                ("queued.min.messages", "200000"),
-                ("fetch.max.bytes", "52428800"),
-                ("max.partition.fetch.bytes", "10485760"),
-            ],
-        )
-        .create_with_context(ReaderContext)?;
+        let mut settings: Vec<(&str, &str)> = vec![
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "true"),
+            // A committed offset that retention deleted: start at what is left.
+            ("auto.offset.reset", "earliest"),
+        ];
+        settings.extend_from_slice(CONSUMER_TUNING);
+        let consumer: BaseConsumer<ReaderContext> =
+            client_config(kafka, &settings).create_with_context(ReaderContext)?;
         let mut assignment = TopicPartitionList::new();
         for (partition, start) in starts {
             let offset = match start {

@@ -91,6 +91,8 @@ pub async fn connect(url: &str) -> Result<Client, SinkError> {
         config.connect_timeout(Duration::from_secs(10));
     }
     config.application_name("fleetflow");
+    // Notices (IF NOT EXISTS, ...) would otherwise be logged on every start.
+    config.options("-c client_min_messages=warning");
     let (client, connection) =
         config
             .connect(NoTls)

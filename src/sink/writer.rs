@@ -244,6 +244,20 @@ fn plan<'a>(group: &'a [EpochWrite], watermarks: &HashMap<(u16, i32), i64>) -> P
     plan
 }
 
+/// Writes metric rows with binary COPY, in batches of 1,000 and transactions of
+/// [`MAX_ROWS_PER_TRANSACTION`], with no bookkeeping: the database ceiling of `bench`.
+pub async fn copy_rows(client: &mut Client, rows: &[Envelope]) -> Result<(), SinkError> {
+    for transaction in rows.chunks(MAX_ROWS_PER_TRANSACTION) {
+        let tx = client.transaction().await?;
+        for batch in transaction.chunks(1000) {
+            let refs: Vec<&Envelope> = batch.iter().collect();
+            copy_batch(&tx, COPY_METRICS, &refs).await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
 /// The extra numeric fields as a JSON object, serialized straight from the pairs.
 #[derive(Debug)]
 struct ExtraFields<'a>(&'a [(String, f64)]);

@@ -1,0 +1,455 @@
+//! `fleetflow bench`: the job measured against its ceilings, in one run, on the same data.
+//!
+//! 1. Kafka ceiling: the job's own partition reader draining the topic, without decoding.
+//! 2. Database ceiling: binary COPY of the same rows into a fresh `metrics` hypertable,
+//!    no Kafka in the path.
+//! 3. The job, exactly-once on, for each shape (processes x workers): rows/s, the ratio to
+//!    min(ceiling 1, ceiling 2), CPU seconds per million records, peak RSS per process;
+//!    plus one run with `--dedup natural-key` for its cost.
+//! 4. Steady state: the loadgen at a fixed fraction of the best job rate, and the job's
+//!    produce-to-durable latency (p50/p99).
+//!
+//! Figures are printed as a table and written as JSON. Absolute rates on a shared 2-core
+//! machine are noisy; the ratios, measured in the same run, are what to compare.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use crate::cli::{BenchArgs, KafkaArgs, LoadgenArgs};
+use crate::envelope::Envelope;
+use crate::kafka::consumer::{PartitionReader, Polled, StartOffset};
+use crate::record::{decode, now_ms, Limits};
+
+#[derive(Debug, Serialize)]
+pub struct JobRun {
+    pub shape: String,
+    pub flags: String,
+    pub rows: u64,
+    pub seconds: f64,
+    pub rows_per_second: f64,
+    pub ratio_to_ceiling: f64,
+    pub cpu_seconds_per_million: f64,
+    pub peak_rss_mib_per_process: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub records: u64,
+    pub servers: u32,
+    pub produce_records_per_second: f64,
+    pub kafka_ceiling_records_per_second: f64,
+    pub database_ceiling_rows_per_second: f64,
+    pub database_ceiling_connections: usize,
+    pub consumer_settings: Vec<(String, String)>,
+    pub jobs: Vec<JobRun>,
+    pub steady_rate_records_per_second: f64,
+    pub latency_p50_ms: u64,
+    pub latency_p99_ms: u64,
+}
+
+/// Runs the benchmark against the brokers and database server in `args`.
+pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    let stamp = now_ms();
+    let kafka = KafkaArgs {
+        topic: format!("{}_{stamp}", args.kafka.topic),
+        ..args.kafka.clone()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::kafka::admin::create_topic(&kafka, 4, 1))?;
+
+    let start_time = crate::record::format_micros((now_ms() - 86_400_000) * 1000);
+    let loadgen =
+        |kafka: KafkaArgs, count: u64, rate: Option<f64>, start_time: Option<String>| LoadgenArgs {
+            kafka,
+            servers: args.servers,
+            interval: Duration::from_secs(10),
+            count: Some(count),
+            rate,
+            seed: 1,
+            start_time,
+            bad_fraction: 0.0,
+            duplicate_fraction: 0.0,
+            gateway: None,
+            http_batch: 500,
+            connections: 1,
+        };
+    eprintln!(
+        "bench: producing {} records to {}",
+        args.records, kafka.topic
+    );
+    let produced = crate::loadgen::produce(
+        &loadgen(kafka.clone(), args.records, None, Some(start_time.clone())),
+        &AtomicBool::new(false),
+    )?;
+    if produced.failed > 0 {
+        bail!("{} records were not acknowledged", produced.failed);
+    }
+
+    eprintln!("bench: Kafka ceiling");
+    let kafka_ceiling = kafka_ceiling(&kafka, args.records)?;
+    eprintln!("bench: database ceiling");
+    let rows = same_rows(&loadgen(
+        kafka.clone(),
+        args.records,
+        None,
+        Some(start_time),
+    ));
+    let ceiling_db = fresh_database(
+        &runtime,
+        &args.database.database_url,
+        &format!("bench_ceiling_{stamp}"),
+    )?;
+    let db_ceiling = runtime.block_on(database_ceiling(&ceiling_db, rows, args.db_connections))?;
+    let ceiling = kafka_ceiling.min(db_ceiling);
+
+    let mut jobs = Vec::new();
+    let mut runs: Vec<(String, Vec<&str>)> =
+        args.shapes.iter().map(|s| (s.clone(), vec![])).collect();
+    if args.dedup_run {
+        runs.push(("2x2".into(), vec!["--dedup", "natural-key"]));
+    }
+    for (shape, flags) in runs {
+        eprintln!("bench: job {shape} {}", flags.join(" "));
+        let db = fresh_database(
+            &runtime,
+            &args.database.database_url,
+            &format!("bench_job_{}_{stamp}", jobs.len()),
+        )?;
+        let mut extra = vec!["--exit-when-idle", "1s"];
+        extra.extend(&flags);
+        let finished = run_job(&kafka, &db, &shape, &extra, None)?;
+        let rows: u64 = finished.iter().map(|f| f.rows).sum();
+        if rows != args.records {
+            bail!("job {shape} wrote {rows} rows, expected {}", args.records);
+        }
+        let seconds = finished
+            .iter()
+            .map(|f| f.active_seconds)
+            .fold(0.0, f64::max);
+        let rate = rows as f64 / seconds.max(1e-9);
+        jobs.push(JobRun {
+            shape,
+            flags: flags.join(" "),
+            rows,
+            seconds,
+            rows_per_second: rate,
+            ratio_to_ceiling: rate / ceiling,
+            cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds).sum::<f64>()
+                / (rows as f64 / 1e6),
+            peak_rss_mib_per_process: finished.iter().map(|f| f.peak_rss_mib).collect(),
+        });
+    }
+
+    let (mut steady_rate, mut p50, mut p99) = (0.0, 0, 0);
+    if args.latency_seconds > 0 {
+        let best = jobs
+            .iter()
+            .filter(|j| j.flags.is_empty())
+            .map(|j| j.rows_per_second)
+            .fold(0.0, f64::max);
+        steady_rate = (best * args.steady_fraction).max(100.0);
+        eprintln!(
+            "bench: steady state at {steady_rate:.0} records/s for {} s",
+            args.latency_seconds
+        );
+        let steady_topic = KafkaArgs {
+            topic: format!("{}_steady", kafka.topic),
+            ..kafka.clone()
+        };
+        runtime.block_on(crate::kafka::admin::create_topic(&steady_topic, 4, 1))?;
+        let db = fresh_database(
+            &runtime,
+            &args.database.database_url,
+            &format!("bench_steady_{stamp}"),
+        )?;
+        let count = (steady_rate * args.latency_seconds as f64) as u64;
+        let steady = loadgen(steady_topic.clone(), count, Some(steady_rate), None);
+        let finished = run_job(
+            &steady_topic,
+            &db,
+            "2x2",
+            &["--epoch-interval", "50ms"],
+            Some(&steady),
+        )?;
+        p50 = finished.iter().map(|f| f.latency_p50_ms).max().unwrap_or(0);
+        p99 = finished.iter().map(|f| f.latency_p99_ms).max().unwrap_or(0);
+    }
+
+    Ok(BenchReport {
+        records: args.records,
+        servers: args.servers,
+        produce_records_per_second: produced.sent as f64 / produced.seconds,
+        kafka_ceiling_records_per_second: kafka_ceiling,
+        database_ceiling_rows_per_second: db_ceiling,
+        database_ceiling_connections: args.db_connections,
+        consumer_settings: crate::kafka::consumer::CONSUMER_TUNING
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        jobs,
+        steady_rate_records_per_second: steady_rate,
+        latency_p50_ms: p50,
+        latency_p99_ms: p99,
+    })
+}
+
+/// The report as an aligned table.
+pub fn table(r: &BenchReport) -> String {
+    let mut out = format!(
+        "records {}  servers {}  produce {:.0}/s\nKafka ceiling     {:>10.0} records/s  (one reader, no decoding)\n\
+         database ceiling  {:>10.0} rows/s     (binary COPY, {} connections, no Kafka)\n\n\
+         {:<6} {:<22} {:>11} {:>9} {:>14} {:>18}\n",
+        r.records, r.servers, r.produce_records_per_second, r.kafka_ceiling_records_per_second,
+        r.database_ceiling_rows_per_second, r.database_ceiling_connections,
+        "shape", "flags", "rows/s", "ratio", "cpu s/M rows", "peak RSS MiB/proc"
+    );
+    for j in &r.jobs {
+        let rss: Vec<String> = j
+            .peak_rss_mib_per_process
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect();
+        out += &format!(
+            "{:<6} {:<22} {:>11.0} {:>8.0}% {:>14.2} {:>18}\n",
+            j.shape,
+            j.flags,
+            j.rows_per_second,
+            j.ratio_to_ceiling * 100.0,
+            j.cpu_seconds_per_million,
+            rss.join(" ")
+        );
+    }
+    if r.steady_rate_records_per_second > 0.0 {
+        out += &format!(
+            "\nsteady state 2x2 at {:.0} records/s: produce-to-durable latency p50 {} ms, p99 {} ms\n",
+            r.steady_rate_records_per_second, r.latency_p50_ms, r.latency_p99_ms
+        );
+    }
+    out
+}
+
+fn kafka_ceiling(kafka: &KafkaArgs, expected: u64) -> anyhow::Result<f64> {
+    let starts: Vec<(i32, StartOffset)> = (0..4).map(|p| (p, StartOffset::Earliest)).collect();
+    let mut reader = PartitionReader::open(kafka, "fleetflow-bench", &starts)?;
+    let started = Instant::now();
+    let mut read = 0u64;
+    while read < expected {
+        match reader.poll() {
+            Polled::Message(_) => read += 1,
+            Polled::Nothing => std::thread::sleep(Duration::from_micros(100)),
+            Polled::Error(e) => tracing::warn!(error = %e, "Kafka error during the ceiling run"),
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the Kafka ceiling run read only {read} of {expected} records in 10 minutes");
+        }
+    }
+    Ok(read as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The rows the job would write for the loadgen's records, decoded up front.
+fn same_rows(args: &LoadgenArgs) -> Vec<Envelope> {
+    let start_ms =
+        chrono::DateTime::parse_from_rfc3339(args.start_time.as_deref().unwrap_or_default())
+            .map(|t| t.timestamp_millis())
+            .unwrap_or_else(|_| now_ms());
+    let mut fleet =
+        crate::loadgen::Fleet::new(args.servers, args.interval, start_ms, args.seed, 0.0);
+    let now = now_ms();
+    (0..args.count.unwrap_or(0) as i64)
+        .map(|offset| {
+            let (key, payload) = fleet.next_record();
+            let decoded = decode(
+                payload.as_bytes(),
+                Some(key.as_bytes()),
+                None,
+                now,
+                &Limits::default(),
+            );
+            Envelope::new(
+                0,
+                offset,
+                Some(key.as_bytes()),
+                payload.as_bytes(),
+                None,
+                decoded,
+            )
+        })
+        .collect()
+}
+
+async fn database_ceiling(
+    url: &str,
+    rows: Vec<Envelope>,
+    connections: usize,
+) -> anyhow::Result<f64> {
+    let total = rows.len();
+    let connections = connections.max(1);
+    let chunk = total.div_ceil(connections).max(1);
+    let mut parts = Vec::new();
+    let mut rest = rows;
+    while rest.len() > chunk {
+        let tail = rest.split_off(chunk);
+        parts.push(std::mem::replace(&mut rest, tail));
+    }
+    parts.push(rest);
+    let mut clients = Vec::new();
+    for _ in 0..parts.len() {
+        clients.push(crate::sink::connect(url).await?);
+    }
+    let started = Instant::now();
+    let writes = clients
+        .iter_mut()
+        .zip(&parts)
+        .map(|(client, part)| crate::sink::writer::copy_rows(client, part));
+    for result in futures_util::future::join_all(writes).await {
+        result?;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Creates an empty database with the fleetflow schema next to `server_url`'s database.
+fn fresh_database(
+    runtime: &tokio::runtime::Runtime,
+    server_url: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    let url = match server_url.rsplit_once('/') {
+        Some((base, db)) if !base.ends_with('/') => format!(
+            "{base}/{name}{}",
+            db.find('?').map(|i| &db[i..]).unwrap_or("")
+        ),
+        _ => bail!("cannot derive a database URL from {server_url}"),
+    };
+    runtime.block_on(async {
+        let admin = crate::sink::connect(server_url).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let mut client = crate::sink::connect(&url).await?;
+        crate::sink::schema::migrate(&mut client, &url).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(url)
+}
+
+/// What one job process reported in its "job finished" line.
+#[derive(Debug, Default)]
+struct Finished {
+    rows: u64,
+    active_seconds: f64,
+    cpu_seconds: f64,
+    peak_rss_mib: f64,
+    latency_p50_ms: u64,
+    latency_p99_ms: u64,
+}
+
+fn field<T: std::str::FromStr>(line: &str, name: &str) -> Option<T> {
+    let start = line.find(&format!("{name}="))? + name.len() + 1;
+    let value: String = line[start..]
+        .trim_start_matches('"')
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    value.parse().ok()
+}
+
+/// Runs the job as `shape` ("PxW") and returns each process's final figures. With
+/// `steady`, the loadgen runs alongside and the job is stopped with SIGTERM after it.
+fn run_job(
+    kafka: &KafkaArgs,
+    db: &str,
+    shape: &str,
+    extra: &[&str],
+    steady: Option<&LoadgenArgs>,
+) -> anyhow::Result<Vec<Finished>> {
+    let (processes, workers) = shape
+        .split_once('x')
+        .context("a shape is PROCESSESxWORKERS, e.g. 2x2")?;
+    let (processes, workers): (usize, usize) = (processes.parse()?, workers.parse()?);
+    let exe = std::env::current_exe()?;
+    let hosts: Vec<String> = (0..processes)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let dir = std::env::temp_dir().join(format!("fleetflow-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut children = Vec::new();
+    for p in 0..processes {
+        let log: PathBuf = dir.join(format!("{shape}-{p}.log"));
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "run",
+            "--brokers",
+            &kafka.brokers,
+            "--topic",
+            &kafka.topic,
+            "--database-url",
+            db,
+        ])
+        .args([
+            "--workers",
+            &workers.to_string(),
+            "--processes",
+            &processes.to_string(),
+            "--process-id",
+            &p.to_string(),
+        ])
+        .args(["--group", &format!("bench-{}", kafka.topic)])
+        .args(extra)
+        .env("FLEETFLOW_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file);
+        if processes > 1 {
+            cmd.args(["--hosts", &hosts.join(",")]);
+        }
+        children.push((cmd.spawn()?, log));
+    }
+    if let Some(loadgen) = steady {
+        crate::loadgen::produce(loadgen, &AtomicBool::new(false))?;
+        std::thread::sleep(Duration::from_secs(2));
+        for (child, _) in &children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+    }
+    let mut finished = Vec::new();
+    for (mut child, log) in children {
+        let status = child.wait()?;
+        let text = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .replace('\u{1b}', "");
+        let Some(line) = text.lines().find(|l| l.contains("job finished")) else {
+            bail!(
+                "job {shape} process exited ({status}) without finishing; see {}",
+                log.display()
+            );
+        };
+        finished.push(Finished {
+            rows: field(line, "rows_written").unwrap_or(0),
+            active_seconds: field(line, "active_seconds").unwrap_or(0.0),
+            cpu_seconds: field(line, "cpu_seconds").unwrap_or(0.0),
+            peak_rss_mib: field(line, "peak_rss_mib").unwrap_or(0.0),
+            latency_p50_ms: field(line, "latency_p50_ms").unwrap_or(0),
+            latency_p99_ms: field(line, "latency_p99_ms").unwrap_or(0),
+        });
+    }
+    Ok(finished)
+}

@@ -1,0 +1,79 @@
+//! A small run of `fleetflow bench`: it must run end to end and report sane, non-zero
+//! figures. It never checks a speed: CI machines are shared and noisy.
+
+mod common;
+
+use std::process::Command;
+
+use common::{test_dir, Broker, Database};
+
+#[test]
+fn bench_runs_and_reports_non_zero_figures() {
+    let dir = test_dir("bench_smoke");
+    let broker = Broker::start(&dir);
+    let db = Database::create("bench_smoke");
+    let output = dir.join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetflow"))
+        .args([
+            "bench",
+            "--brokers",
+            &broker.addr,
+            "--database-url",
+            &db.url,
+            "--records",
+            "20000",
+        ])
+        .args([
+            "--shapes",
+            "1x1,2x1",
+            "--latency-seconds",
+            "3",
+            "--output",
+            output.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("Kafka ceiling") && stdout.contains("2x2    --dedup natural-key"),
+        "{stdout}"
+    );
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    for key in [
+        "kafka_ceiling_records_per_second",
+        "database_ceiling_rows_per_second",
+        "produce_records_per_second",
+    ] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+    let jobs = report["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 3, "1x1, 2x1 and the dedup run");
+    for job in jobs {
+        assert_eq!(job["rows"], 20_000, "{job}");
+        assert!(job["rows_per_second"].as_f64().unwrap() > 0.0, "{job}");
+        assert!(job["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{job}");
+        assert!(
+            job["cpu_seconds_per_million"].as_f64().unwrap() > 0.0,
+            "{job}"
+        );
+        assert!(
+            job["peak_rss_mib_per_process"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m.as_f64().unwrap() > 1.0),
+            "{job}"
+        );
+    }
+    assert!(
+        report["latency_p99_ms"].as_u64().unwrap() >= report["latency_p50_ms"].as_u64().unwrap()
+    );
+    assert!(report["latency_p50_ms"].as_u64().unwrap() > 0, "{report}");
+}
