@@ -32,7 +32,7 @@ use crate::partitioning::owned_partitions;
 use crate::record::{decode, now_ms, Limits};
 use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer};
 use crate::sink::writer::WriterSettings;
-use crate::stats::Stats;
+use crate::stats::{KindLabels, PartitionLabels, Stats};
 
 /// Messages taken from Kafka between two steps of the dataflow.
 const POLL_BUDGET: usize = 4096;
@@ -75,45 +75,27 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         scope
             .input_from(&mut input)
             .container::<Vec<Envelope>>()
-            .write_durably(
-                settings,
-                args.batch_size,
-                ctx.runtime.clone(),
-                ctx.stats.clone(),
-            )
+            .write_durably(settings, args.batch_size, ctx.runtime.clone(), ctx.stats.clone())
             .probe_with(&probe);
     });
 
     let mut source = Source::new(&starts);
-    let mut commits = Commits::new(Committer::spawn(
-        &ctx.runtime,
-        args.database.database_url.clone(),
-        args.kafka.topic.clone(),
-    ));
+    let committer =
+        Committer::spawn(&ctx.runtime, args.database.database_url.clone(), args.kafka.topic.clone(), ctx.stats.clone());
+    let mut commits = Commits::new(committer, ctx.stats.clone());
     let mut idle_since: Option<Instant> = None;
     let mut last_lag = (Instant::now(), 0i64);
 
     while !ctx.shutdown.load(Ordering::Relaxed) {
         let durable = durable_frontier(&probe);
-        commits.advance(
-            durable,
-            &mut source.closed,
-            args.commit_interval,
-            &reader,
-            false,
-        );
-        ctx.stats
-            .durable_epoch
-            .fetch_max(durable.saturating_sub(1), Ordering::Relaxed);
+        commits.advance(durable, &mut source.closed, args.commit_interval, &reader, false);
+        ctx.stats.durable_epoch.fetch_max(durable.saturating_sub(1), Ordering::Relaxed);
+        ctx.stats.newest_epoch.fetch_max(*input.time(), Ordering::Relaxed);
 
         // Read, unless this source is as far ahead of the durable frontier as allowed.
         let may_read = input.time() < &(durable + args.max_epochs_in_flight);
         ctx.stats.backpressured.store(!may_read, Ordering::Relaxed);
-        let read = if may_read {
-            source.read(&mut reader, &mut input, ctx, args.epoch_records)
-        } else {
-            0
-        };
+        let read = if may_read { source.read(&mut reader, &mut input, ctx, args.epoch_records) } else { 0 };
 
         if source.in_epoch >= args.epoch_records
             || (source.in_epoch > 0 && source.opened.elapsed() >= args.epoch_interval)
@@ -131,7 +113,11 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         }
 
         if last_lag.0.elapsed() >= args.report_interval {
-            if let Some(lag) = reader.lag(&source.next_offsets()) {
+            if let Some(per_partition) = reader.lag(&source.next_offsets()) {
+                let lag: i64 = per_partition.iter().map(|(_, l)| l).sum();
+                for (partition, behind) in per_partition {
+                    ctx.stats.partition_lag.get_or_create(&PartitionLabels { partition }).set(behind);
+                }
                 ctx.stats.lag.fetch_add(lag - last_lag.1, Ordering::Relaxed);
                 last_lag.1 = lag;
             }
@@ -139,10 +125,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         }
 
         if let Some(wait) = args.exit_when_idle {
-            let quiet = reader.all_at_end()
-                && source.in_epoch == 0
-                && source.closed.is_empty()
-                && commits.idle();
+            let quiet = reader.all_at_end() && source.in_epoch == 0 && source.closed.is_empty() && commits.idle();
             match (quiet, idle_since) {
                 (false, _) => idle_since = None,
                 (true, None) => idle_since = Some(Instant::now()),
@@ -150,11 +133,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
                 (true, Some(_)) => {}
             }
         }
-        worker.step_or_park(Some(if read > 0 {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(5)
-        }));
+        worker.step_or_park(Some(if read > 0 { Duration::ZERO } else { Duration::from_millis(5) }));
     }
 
     // Close the input: the open epoch's records are already in the dataflow and get written.
@@ -164,13 +143,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     drop(input);
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(5)));
-        commits.advance(
-            durable_frontier(&probe),
-            &mut source.closed,
-            args.commit_interval,
-            &reader,
-            false,
-        );
+        commits.advance(durable_frontier(&probe), &mut source.closed, args.commit_interval, &reader, false);
     }
     commits.advance(u64::MAX, &mut source.closed, Duration::ZERO, &reader, true);
     while !commits.idle() {
@@ -182,10 +155,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     if let Ok(mut total) = ctx.stats.latency.lock() {
         let _ = total.add(&commits.latency);
     }
-    tracing::info!(
-        worker = index,
-        "worker finished; everything it read is durable and committed"
-    );
+    tracing::info!(worker = index, "worker finished; everything it read is durable and committed");
     Ok(())
 }
 
@@ -203,8 +173,7 @@ fn resolve_starts(
     runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<Vec<(i32, StartOffset)>> {
     let (url, topic) = (&args.database.database_url, &args.kafka.topic);
-    let committed =
-        runtime.block_on(async { load_offsets(&crate::sink::connect(url).await?, topic).await })?;
+    let committed = runtime.block_on(async { load_offsets(&crate::sink::connect(url).await?, topic).await })?;
     let mut starts = Vec::new();
     let mut to_pin = Vec::new();
     for &p in partitions {
@@ -266,13 +235,7 @@ impl Source {
                 _ => None,
             })
             .collect();
-        Source {
-            next,
-            in_epoch: 0,
-            opened: Instant::now(),
-            produced_ms: Vec::new(),
-            closed: VecDeque::new(),
-        }
+        Source { next, in_epoch: 0, opened: Instant::now(), produced_ms: Vec::new(), closed: VecDeque::new() }
     }
 
     fn next_offsets(&self) -> Vec<(i32, i64)> {
@@ -304,17 +267,11 @@ impl Source {
                 self.produced_ms.push(t);
             }
             let decoded = decode(raw, message.key(), time_ms, now, &ctx.limits);
-            if decoded.is_err() {
+            if let Err(e) = &decoded {
                 dead += 1;
+                ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();
             }
-            let envelope = Envelope::new(
-                message.partition(),
-                message.offset(),
-                message.key(),
-                raw,
-                time_ms,
-                decoded,
-            );
+            let envelope = Envelope::new(message.partition(), message.offset(), message.key(), raw, time_ms, decoded);
             self.next.insert(message.partition(), message.offset() + 1);
             input.send(envelope);
             if self.in_epoch == 0 {
@@ -334,11 +291,7 @@ impl Source {
     ) {
         let epoch = *input.time();
         let produced_ms = std::mem::take(&mut self.produced_ms);
-        self.closed.push_back(ClosedEpoch {
-            epoch,
-            offsets: self.next_offsets(),
-            produced_ms,
-        });
+        self.closed.push_back(ClosedEpoch { epoch, offsets: self.next_offsets(), produced_ms });
         input.advance_to(epoch + 1);
         self.in_epoch = 0;
     }
@@ -348,6 +301,7 @@ impl Source {
 /// the database (at most once per commit interval) and then to the consumer group.
 struct Commits {
     committer: Committer,
+    stats: Arc<Stats>,
     /// Produce-to-durable latency of every record, in milliseconds.
     latency: hdrhistogram::Histogram<u64>,
     ready: Option<Vec<(i32, i64)>>,
@@ -358,11 +312,11 @@ struct Commits {
 }
 
 impl Commits {
-    fn new(committer: Committer) -> Self {
+    fn new(committer: Committer, stats: Arc<Stats>) -> Self {
         Commits {
             committer,
-            latency: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2)
-                .expect("valid histogram bounds"),
+            stats,
+            latency: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),
             ready: None,
             last: Instant::now(),
             mirror_after: None,
@@ -381,9 +335,9 @@ impl Commits {
         let now = now_ms();
         while let Some(done) = closed.pop_front_if(|c| c.epoch < durable) {
             for produced in &done.produced_ms {
-                self.latency
-                    .saturating_record((now - produced).max(1) as u64);
+                self.latency.saturating_record((now - produced).max(1) as u64);
             }
+            Stats::add(&self.stats.epochs_durable, 1);
             self.ready = Some(done.offsets);
         }
         if self.ready.as_ref() == Some(&self.committed) {
@@ -400,10 +354,7 @@ impl Commits {
     }
 
     fn mirror(&mut self, reader: &PartitionReader) {
-        if let Some((_, offsets)) = self
-            .mirror_after
-            .take_if(|(seq, _)| self.committer.done() >= *seq)
-        {
+        if let Some((_, offsets)) = self.mirror_after.take_if(|(seq, _)| self.committer.done() >= *seq) {
             reader.commit_to_group(&offsets);
         }
     }

@@ -7,5 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/timescaledb.sh up
 scripts/broker.sh install
 cargo fmt --check
+# docker/ cannot be run here (no Docker engine); check what can be checked.
+python3 -c 'import yaml' 2>/dev/null || pip install --quiet pyyaml
+python3 docker/check.py
 # The integration tests each start a broker and a multi-process job: two at a time fit 2 cores.
 cargo test -- --test-threads=2

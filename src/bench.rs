@@ -55,36 +55,26 @@ pub struct BenchReport {
 /// Runs the benchmark against the brokers and database server in `args`.
 pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let stamp = now_ms();
-    let kafka = KafkaArgs {
-        topic: format!("{}_{stamp}", args.kafka.topic),
-        ..args.kafka.clone()
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let kafka = KafkaArgs { topic: format!("{}_{stamp}", args.kafka.topic), ..args.kafka.clone() };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(crate::kafka::admin::create_topic(&kafka, 4, 1))?;
 
     let start_time = crate::record::format_micros((now_ms() - 86_400_000) * 1000);
-    let loadgen =
-        |kafka: KafkaArgs, count: u64, rate: Option<f64>, start_time: Option<String>| LoadgenArgs {
-            kafka,
-            servers: args.servers,
-            interval: Duration::from_secs(10),
-            count: Some(count),
-            rate,
-            seed: 1,
-            start_time,
-            bad_fraction: 0.0,
-            duplicate_fraction: 0.0,
-            gateway: None,
-            http_batch: 500,
-            connections: 1,
-        };
-    eprintln!(
-        "bench: producing {} records to {}",
-        args.records, kafka.topic
-    );
+    let loadgen = |kafka: KafkaArgs, count: u64, rate: Option<f64>, start_time: Option<String>| LoadgenArgs {
+        kafka,
+        servers: args.servers,
+        interval: Duration::from_secs(10),
+        count: Some(count),
+        rate,
+        seed: 1,
+        start_time,
+        bad_fraction: 0.0,
+        duplicate_fraction: 0.0,
+        gateway: None,
+        http_batch: 500,
+        connections: 1,
+    };
+    eprintln!("bench: producing {} records to {}", args.records, kafka.topic);
     let produced = crate::loadgen::produce(
         &loadgen(kafka.clone(), args.records, None, Some(start_time.clone())),
         &AtomicBool::new(false),
@@ -96,33 +86,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     eprintln!("bench: Kafka ceiling");
     let kafka_ceiling = kafka_ceiling(&kafka, args.records)?;
     eprintln!("bench: database ceiling");
-    let rows = same_rows(&loadgen(
-        kafka.clone(),
-        args.records,
-        None,
-        Some(start_time),
-    ));
-    let ceiling_db = fresh_database(
-        &runtime,
-        &args.database.database_url,
-        &format!("bench_ceiling_{stamp}"),
-    )?;
+    let rows = same_rows(&loadgen(kafka.clone(), args.records, None, Some(start_time)));
+    let ceiling_db = fresh_database(&runtime, &args.database.database_url, &format!("bench_ceiling_{stamp}"))?;
     let db_ceiling = runtime.block_on(database_ceiling(&ceiling_db, rows, args.db_connections))?;
     let ceiling = kafka_ceiling.min(db_ceiling);
 
     let mut jobs = Vec::new();
-    let mut runs: Vec<(String, Vec<&str>)> =
-        args.shapes.iter().map(|s| (s.clone(), vec![])).collect();
+    let mut runs: Vec<(String, Vec<&str>)> = args.shapes.iter().map(|s| (s.clone(), vec![])).collect();
     if args.dedup_run {
         runs.push(("2x2".into(), vec!["--dedup", "natural-key"]));
     }
     for (shape, flags) in runs {
         eprintln!("bench: job {shape} {}", flags.join(" "));
-        let db = fresh_database(
-            &runtime,
-            &args.database.database_url,
-            &format!("bench_job_{}_{stamp}", jobs.len()),
-        )?;
+        let db = fresh_database(&runtime, &args.database.database_url, &format!("bench_job_{}_{stamp}", jobs.len()))?;
         let mut extra = vec!["--exit-when-idle", "1s"];
         extra.extend(&flags);
         let finished = run_job(&kafka, &db, &shape, &extra, None)?;
@@ -130,10 +106,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         if rows != args.records {
             bail!("job {shape} wrote {rows} rows, expected {}", args.records);
         }
-        let seconds = finished
-            .iter()
-            .map(|f| f.active_seconds)
-            .fold(0.0, f64::max);
+        let seconds = finished.iter().map(|f| f.active_seconds).fold(0.0, f64::max);
         let rate = rows as f64 / seconds.max(1e-9);
         jobs.push(JobRun {
             shape,
@@ -142,43 +115,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             seconds,
             rows_per_second: rate,
             ratio_to_ceiling: rate / ceiling,
-            cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds).sum::<f64>()
-                / (rows as f64 / 1e6),
+            cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds).sum::<f64>() / (rows as f64 / 1e6),
             peak_rss_mib_per_process: finished.iter().map(|f| f.peak_rss_mib).collect(),
         });
     }
 
     let (mut steady_rate, mut p50, mut p99) = (0.0, 0, 0);
     if args.latency_seconds > 0 {
-        let best = jobs
-            .iter()
-            .filter(|j| j.flags.is_empty())
-            .map(|j| j.rows_per_second)
-            .fold(0.0, f64::max);
+        let best = jobs.iter().filter(|j| j.flags.is_empty()).map(|j| j.rows_per_second).fold(0.0, f64::max);
         steady_rate = (best * args.steady_fraction).max(100.0);
-        eprintln!(
-            "bench: steady state at {steady_rate:.0} records/s for {} s",
-            args.latency_seconds
-        );
-        let steady_topic = KafkaArgs {
-            topic: format!("{}_steady", kafka.topic),
-            ..kafka.clone()
-        };
+        eprintln!("bench: steady state at {steady_rate:.0} records/s for {} s", args.latency_seconds);
+        let steady_topic = KafkaArgs { topic: format!("{}_steady", kafka.topic), ..kafka.clone() };
         runtime.block_on(crate::kafka::admin::create_topic(&steady_topic, 4, 1))?;
-        let db = fresh_database(
-            &runtime,
-            &args.database.database_url,
-            &format!("bench_steady_{stamp}"),
-        )?;
+        let db = fresh_database(&runtime, &args.database.database_url, &format!("bench_steady_{stamp}"))?;
         let count = (steady_rate * args.latency_seconds as f64) as u64;
         let steady = loadgen(steady_topic.clone(), count, Some(steady_rate), None);
-        let finished = run_job(
-            &steady_topic,
-            &db,
-            "2x2",
-            &["--epoch-interval", "50ms"],
-            Some(&steady),
-        )?;
+        let finished = run_job(&steady_topic, &db, "2x2", &["--epoch-interval", "50ms"], Some(&steady))?;
         p50 = finished.iter().map(|f| f.latency_p50_ms).max().unwrap_or(0);
         p99 = finished.iter().map(|f| f.latency_p99_ms).max().unwrap_or(0);
     }
@@ -203,7 +155,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
 
 /// The report as an aligned table.
 pub fn table(r: &BenchReport) -> String {
-    let mut out = format!(
+    let mut out =
+        format!(
         "records {}  servers {}  produce {:.0}/s\nKafka ceiling     {:>10.0} records/s  (one reader, no decoding)\n\
          database ceiling  {:>10.0} rows/s     (binary COPY, {} connections, no Kafka)\n\n\
          {:<6} {:<22} {:>11} {:>9} {:>14} {:>18}\n",
@@ -212,11 +165,7 @@ pub fn table(r: &BenchReport) -> String {
         "shape", "flags", "rows/s", "ratio", "cpu s/M rows", "peak RSS MiB/proc"
     );
     for j in &r.jobs {
-        let rss: Vec<String> = j
-            .peak_rss_mib_per_process
-            .iter()
-            .map(|m| format!("{m:.0}"))
-            .collect();
+        let rss: Vec<String> = j.peak_rss_mib_per_process.iter().map(|m| format!("{m:.0}")).collect();
         out += &format!(
             "{:<6} {:<22} {:>11.0} {:>8.0}% {:>14.2} {:>18}\n",
             j.shape,
@@ -256,40 +205,21 @@ fn kafka_ceiling(kafka: &KafkaArgs, expected: u64) -> anyhow::Result<f64> {
 
 /// The rows the job would write for the loadgen's records, decoded up front.
 fn same_rows(args: &LoadgenArgs) -> Vec<Envelope> {
-    let start_ms =
-        chrono::DateTime::parse_from_rfc3339(args.start_time.as_deref().unwrap_or_default())
-            .map(|t| t.timestamp_millis())
-            .unwrap_or_else(|_| now_ms());
-    let mut fleet =
-        crate::loadgen::Fleet::new(args.servers, args.interval, start_ms, args.seed, 0.0);
+    let start_ms = chrono::DateTime::parse_from_rfc3339(args.start_time.as_deref().unwrap_or_default())
+        .map(|t| t.timestamp_millis())
+        .unwrap_or_else(|_| now_ms());
+    let mut fleet = crate::loadgen::Fleet::new(args.servers, args.interval, start_ms, args.seed, 0.0);
     let now = now_ms();
     (0..args.count.unwrap_or(0) as i64)
         .map(|offset| {
             let (key, payload) = fleet.next_record();
-            let decoded = decode(
-                payload.as_bytes(),
-                Some(key.as_bytes()),
-                None,
-                now,
-                &Limits::default(),
-            );
-            Envelope::new(
-                0,
-                offset,
-                Some(key.as_bytes()),
-                payload.as_bytes(),
-                None,
-                decoded,
-            )
+            let decoded = decode(payload.as_bytes(), Some(key.as_bytes()), None, now, &Limits::default());
+            Envelope::new(0, offset, Some(key.as_bytes()), payload.as_bytes(), None, decoded)
         })
         .collect()
 }
 
-async fn database_ceiling(
-    url: &str,
-    rows: Vec<Envelope>,
-    connections: usize,
-) -> anyhow::Result<f64> {
+async fn database_ceiling(url: &str, rows: Vec<Envelope>, connections: usize) -> anyhow::Result<f64> {
     let total = rows.len();
     let connections = connections.max(1);
     let chunk = total.div_ceil(connections).max(1);
@@ -305,10 +235,7 @@ async fn database_ceiling(
         clients.push(crate::sink::connect(url).await?);
     }
     let started = Instant::now();
-    let writes = clients
-        .iter_mut()
-        .zip(&parts)
-        .map(|(client, part)| crate::sink::writer::copy_rows(client, part));
+    let writes = clients.iter_mut().zip(&parts).map(|(client, part)| crate::sink::writer::copy_rows(client, part));
     for result in futures_util::future::join_all(writes).await {
         result?;
     }
@@ -316,26 +243,17 @@ async fn database_ceiling(
 }
 
 /// Creates an empty database with the fleetflow schema next to `server_url`'s database.
-fn fresh_database(
-    runtime: &tokio::runtime::Runtime,
-    server_url: &str,
-    name: &str,
-) -> anyhow::Result<String> {
+fn fresh_database(runtime: &tokio::runtime::Runtime, server_url: &str, name: &str) -> anyhow::Result<String> {
     let url = match server_url.rsplit_once('/') {
-        Some((base, db)) if !base.ends_with('/') => format!(
-            "{base}/{name}{}",
-            db.find('?').map(|i| &db[i..]).unwrap_or("")
-        ),
+        Some((base, db)) if !base.ends_with('/') => {
+            format!("{base}/{name}{}", db.find('?').map(|i| &db[i..]).unwrap_or(""))
+        }
         _ => bail!("cannot derive a database URL from {server_url}"),
     };
     runtime.block_on(async {
         let admin = crate::sink::connect(server_url).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-            .await?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await?;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await?;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
         let mut client = crate::sink::connect(&url).await?;
         crate::sink::schema::migrate(&mut client, &url).await?;
         Ok::<_, anyhow::Error>(())
@@ -356,11 +274,8 @@ struct Finished {
 
 fn field<T: std::str::FromStr>(line: &str, name: &str) -> Option<T> {
     let start = line.find(&format!("{name}="))? + name.len() + 1;
-    let value: String = line[start..]
-        .trim_start_matches('"')
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '"')
-        .collect();
+    let value: String =
+        line[start..].trim_start_matches('"').chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
     value.parse().ok()
 }
 
@@ -373,17 +288,11 @@ fn run_job(
     extra: &[&str],
     steady: Option<&LoadgenArgs>,
 ) -> anyhow::Result<Vec<Finished>> {
-    let (processes, workers) = shape
-        .split_once('x')
-        .context("a shape is PROCESSESxWORKERS, e.g. 2x2")?;
+    let (processes, workers) = shape.split_once('x').context("a shape is PROCESSESxWORKERS, e.g. 2x2")?;
     let (processes, workers): (usize, usize) = (processes.parse()?, workers.parse()?);
     let exe = std::env::current_exe()?;
     let hosts: Vec<String> = (0..processes)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.to_string())
-        })
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.to_string()))
         .collect::<Result<_, _>>()?;
     let dir = std::env::temp_dir().join(format!("fleetflow-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -392,30 +301,22 @@ fn run_job(
         let log: PathBuf = dir.join(format!("{shape}-{p}.log"));
         let file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(&exe);
-        cmd.args([
-            "run",
-            "--brokers",
-            &kafka.brokers,
-            "--topic",
-            &kafka.topic,
-            "--database-url",
-            db,
-        ])
-        .args([
-            "--workers",
-            &workers.to_string(),
-            "--processes",
-            &processes.to_string(),
-            "--process-id",
-            &p.to_string(),
-        ])
-        .args(["--group", &format!("bench-{}", kafka.topic)])
-        .args(extra)
-        .env("FLEETFLOW_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(file);
+        cmd.args(["run", "--brokers", &kafka.brokers, "--topic", &kafka.topic, "--database-url", db])
+            .args([
+                "--workers",
+                &workers.to_string(),
+                "--processes",
+                &processes.to_string(),
+                "--process-id",
+                &p.to_string(),
+            ])
+            .args(["--group", &format!("bench-{}", kafka.topic)])
+            .args(extra)
+            .env("FLEETFLOW_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
         if processes > 1 {
             cmd.args(["--hosts", &hosts.join(",")]);
         }
@@ -425,22 +326,15 @@ fn run_job(
         crate::loadgen::produce(loadgen, &AtomicBool::new(false))?;
         std::thread::sleep(Duration::from_secs(2));
         for (child, _) in &children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         }
     }
     let mut finished = Vec::new();
     for (mut child, log) in children {
         let status = child.wait()?;
-        let text = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .replace('\u{1b}', "");
+        let text = std::fs::read_to_string(&log).unwrap_or_default().replace('\u{1b}', "");
         let Some(line) = text.lines().find(|l| l.contains("job finished")) else {
-            bail!(
-                "job {shape} process exited ({status}) without finishing; see {}",
-                log.display()
-            );
+            bail!("job {shape} process exited ({status}) without finishing; see {}", log.display());
         };
         finished.push(Finished {
             rows: field(line, "rows_written").unwrap_or(0),

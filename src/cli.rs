@@ -9,12 +9,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "fleetflow",
-    version,
-    about = "Server metrics from Kafka into TimescaleDB, exactly once"
-)]
+#[command(name = "fleetflow", version, about = "Server metrics from Kafka into TimescaleDB, exactly once")]
 pub struct Cli {
+    /// A TOML file whose keys mirror the flags (see README); flags and FLEETFLOW_* variables win.
+    #[arg(long, global = true, env = "FLEETFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,6 +33,29 @@ pub enum Command {
     Gateway(GatewayArgs),
     /// Measure the job against the Kafka and database ceilings (prints a table, writes JSON).
     Bench(BenchArgs),
+    /// Committed offsets, lag per partition, last commit, dead letters: one readable table.
+    Status(StatusArgs),
+    /// Validate the configuration and reach the broker and the database; say what is wrong.
+    Check(RunArgs),
+    /// Drop raw data older than a duration (TimescaleDB drop_chunks).
+    Retention(RetentionArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RetentionArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Drop chunks of `metrics` whose data is all older than this (e.g. 30d).
+    #[arg(long, value_parser = parse_duration)]
+    pub older_than: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -75,11 +97,7 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Address to listen on.
-    #[arg(
-        long,
-        env = "FLEETFLOW_GATEWAY_LISTEN",
-        default_value = "127.0.0.1:8080"
-    )]
+    #[arg(long, env = "FLEETFLOW_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// Largest request body, in bytes (413 beyond).
     #[arg(long, env = "FLEETFLOW_GATEWAY_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
@@ -94,11 +112,7 @@ pub struct GatewayArgs {
     #[arg(long, env = "FLEETFLOW_GATEWAY_RATE_BURST", default_value_t = 10)]
     pub rate_burst: u32,
     /// Records produced but not yet acknowledged by Kafka, at most (503 beyond).
-    #[arg(
-        long,
-        env = "FLEETFLOW_GATEWAY_MAX_IN_FLIGHT",
-        default_value_t = 100_000
-    )]
+    #[arg(long, env = "FLEETFLOW_GATEWAY_MAX_IN_FLIGHT", default_value_t = 100_000)]
     pub max_in_flight: usize,
     /// How long a record may wait for Kafka's acknowledgement before the request fails.
     #[arg(long, env = "FLEETFLOW_GATEWAY_PRODUCE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -107,11 +121,7 @@ pub struct GatewayArgs {
     #[arg(long, env = "FLEETFLOW_GATEWAY_LINGER_MS", default_value_t = 5)]
     pub linger_ms: u32,
     /// Producer batching: batch.num.messages.
-    #[arg(
-        long,
-        env = "FLEETFLOW_GATEWAY_BATCH_RECORDS",
-        default_value_t = 10_000
-    )]
+    #[arg(long, env = "FLEETFLOW_GATEWAY_BATCH_RECORDS", default_value_t = 10_000)]
     pub batch_records: u32,
     /// Oldest accepted record timestamp, relative to now.
     #[arg(long, env = "FLEETFLOW_MAX_AGE", default_value = "365days", value_parser = parse_duration)]
@@ -138,11 +148,7 @@ pub struct KafkaArgs {
 pub struct DatabaseArgs {
     /// PostgreSQL connection string of a database with the timescaledb extension available.
     /// TLS options go in the string (sslmode=...).
-    #[arg(
-        long,
-        env = "FLEETFLOW_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:55432/postgres"
-    )]
+    #[arg(long, env = "FLEETFLOW_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/postgres")]
     pub database_url: String,
 }
 
@@ -181,12 +187,7 @@ pub struct RunArgs {
     #[arg(long, short = 'p', env = "FLEETFLOW_PROCESS_ID", default_value_t = 0)]
     pub process_id: usize,
     /// host:port of every process, in process-id order (comma separated).
-    #[arg(
-        long,
-        env = "FLEETFLOW_HOSTS",
-        value_delimiter = ',',
-        conflicts_with = "hostfile"
-    )]
+    #[arg(long, env = "FLEETFLOW_HOSTS", value_delimiter = ',', conflicts_with = "hostfile")]
     pub hosts: Vec<String>,
     /// A file with one host:port per line, in process-id order (blank lines and # comments ignored).
     #[arg(long, env = "FLEETFLOW_HOSTFILE")]
@@ -234,6 +235,12 @@ pub struct RunArgs {
     /// twice). It adds a unique index on metrics (server_id, time) and costs ingest speed.
     #[arg(long, env = "FLEETFLOW_DEDUP", value_enum, default_value_t = Dedup::None)]
     pub dedup: Dedup,
+    /// Serve Prometheus `/metrics` and `/healthz` on this address (e.g. 127.0.0.1:9898).
+    #[arg(long, env = "FLEETFLOW_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Drop raw chunks older than this, checked hourly by process 0 (default: keep all).
+    #[arg(long, env = "FLEETFLOW_RETAIN", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
     /// Record, per written batch, which worker wrote which serverIds (table
     /// fleetflow_audit). Costs a little; meant for tests and investigations.
     #[arg(long, env = "FLEETFLOW_AUDIT")]
@@ -313,11 +320,8 @@ mod tests {
 
     #[test]
     fn run_flags_parse_with_defaults() {
-        let cli =
-            Cli::try_parse_from(["fleetflow", "run", "-w", "2", "--exit-when-idle", "2s"]).unwrap();
-        let Command::Run(run) = cli.command else {
-            panic!("not run")
-        };
+        let cli = Cli::try_parse_from(["fleetflow", "run", "-w", "2", "--exit-when-idle", "2s"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("not run") };
         assert_eq!(run.workers, 2);
         assert_eq!(run.exit_when_idle, Some(Duration::from_secs(2)));
         assert_eq!(run.kafka.topic, "metrics");
@@ -326,8 +330,7 @@ mod tests {
 
     #[test]
     fn bad_duration_is_a_clear_error() {
-        let err =
-            Cli::try_parse_from(["fleetflow", "run", "--epoch-interval", "soon"]).unwrap_err();
+        let err = Cli::try_parse_from(["fleetflow", "run", "--epoch-interval", "soon"]).unwrap_err();
         assert!(err.to_string().contains("examples: 500ms"), "{err}");
     }
 
@@ -335,12 +338,7 @@ mod tests {
     fn kafka_passthrough_needs_key_value() {
         assert!(Cli::try_parse_from(["fleetflow", "run", "-X", "nonsense"]).is_err());
         let cli = Cli::try_parse_from(["fleetflow", "run", "-X", "fetch.max.bytes=1000"]).unwrap();
-        let Command::Run(run) = cli.command else {
-            panic!()
-        };
-        assert_eq!(
-            run.kafka.kafka_options,
-            vec![("fetch.max.bytes".into(), "1000".into())]
-        );
+        let Command::Run(run) = cli.command else { panic!() };
+        assert_eq!(run.kafka.kafka_options, vec![("fetch.max.bytes".into(), "1000".into())]);
     }
 }

@@ -1,7 +1,7 @@
 //! Typed, validated job configuration built from the command line: the cluster shape (who
 //! the processes are) and the record limits. Every error names the flag to fix.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::cli::RunArgs;
 use crate::record::Limits;
@@ -15,30 +15,79 @@ pub enum ConfigError {
     #[error("--process-id {id} is outside --processes {processes} (valid ids: 0 to {})", processes - 1)]
     ProcessIdOutOfRange { id: usize, processes: usize },
     #[error("--processes is {processes} but {source_name} lists {found} address(es); give one host:port per process")]
-    AddressCount {
-        processes: usize,
-        found: usize,
-        source_name: String,
-    },
+    AddressCount { processes: usize, found: usize, source_name: String },
     #[error("cannot read --hostfile {path}: {source}")]
-    Hostfile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Hostfile { path: PathBuf, source: std::io::Error },
     #[error("address {0:?} in the host list is not host:port")]
     BadAddress(String),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("cannot read --config {path}: {message}")]
+    ConfigFile { path: PathBuf, message: String },
+    #[error("unknown key `{key}` in {path} (keys are flag names such as epoch-records; librdkafka settings go under [kafka])")]
+    UnknownKey { key: String, path: PathBuf },
+}
+
+/// A parsed `--config` file.
+#[derive(Debug, Default, PartialEq)]
+pub struct ConfigFile {
+    /// (environment variable, value) for each flag the file sets.
+    pub env: Vec<(String, String)>,
+    /// librdkafka settings from the `[kafka]` table.
+    pub kafka: Vec<(String, String)>,
+}
+
+/// Parses a TOML config file whose top-level keys mirror the flags of any subcommand
+/// (`epoch-records` or `epoch_records`) and whose `[kafka]` table passes librdkafka settings
+/// through. The caller installs `env` as defaults for unset variables, which gives the
+/// precedence flag > environment > file > default. Unknown keys are rejected by name.
+pub fn parse_config_file(path: &Path, text: &str, cli: &clap::Command) -> Result<ConfigFile, ConfigError> {
+    let bad = |message: String| ConfigError::ConfigFile { path: path.to_owned(), message };
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| bad(e.message().to_owned()))?;
+    let mut flags = std::collections::HashMap::new();
+    let mut stack = vec![cli.clone()];
+    while let Some(command) = stack.pop() {
+        for arg in command.get_arguments() {
+            if let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) {
+                flags.insert(long.to_owned(), env.to_string_lossy().into_owned());
+            }
+        }
+        stack.extend(command.get_subcommands().cloned());
+    }
+    let mut file = ConfigFile::default();
+    for (key, value) in table {
+        if key == "kafka" {
+            let toml::Value::Table(kafka) = value else { return Err(bad("[kafka] must be a table".into())) };
+            for (k, v) in kafka {
+                file.kafka.push((k.clone(), scalar(&v).ok_or_else(|| bad(format!("kafka.{k} must be a value")))?));
+            }
+            continue;
+        }
+        let env = flags
+            .get(&key.replace('_', "-"))
+            .ok_or_else(|| ConfigError::UnknownKey { key: key.clone(), path: path.to_owned() })?;
+        file.env.push((env.clone(), scalar(&value).ok_or_else(|| bad(format!("{key} must be a value or a list")))?));
+    }
+    Ok(file)
+}
+
+fn scalar(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        toml::Value::Array(items) => items.iter().map(scalar).collect::<Option<Vec<_>>>().map(|v| v.join(",")),
+        _ => None,
+    }
 }
 
 /// The host:port of every process, in process-id order (empty for a single process).
 pub fn cluster_addresses(args: &RunArgs) -> Result<Vec<String>, ConfigError> {
     let (addresses, source_name) = match &args.hostfile {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Hostfile {
-                path: path.clone(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Hostfile { path: path.clone(), source })?;
             let hosts: Vec<String> = text
                 .lines()
                 .map(|l| l.split('#').next().unwrap_or("").trim())
@@ -47,27 +96,17 @@ pub fn cluster_addresses(args: &RunArgs) -> Result<Vec<String>, ConfigError> {
                 .collect();
             (hosts, format!("--hostfile {}", path.display()))
         }
-        None => (
-            args.hosts
-                .iter()
-                .map(|h| h.trim().to_owned())
-                .filter(|h| !h.is_empty())
-                .collect(),
-            "--hosts".to_owned(),
-        ),
+        None => {
+            (args.hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect(), "--hosts".to_owned())
+        }
     };
-    if let Some(bad) = addresses.iter().find(|a: &&String| {
-        a.rsplit_once(':')
-            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-    }) {
+    if let Some(bad) =
+        addresses.iter().find(|a: &&String| a.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()))
+    {
         return Err(ConfigError::BadAddress(bad.clone()));
     }
     if (args.processes > 1 || !addresses.is_empty()) && addresses.len() != args.processes {
-        return Err(ConfigError::AddressCount {
-            processes: args.processes,
-            found: addresses.len(),
-            source_name,
-        });
+        return Err(ConfigError::AddressCount { processes: args.processes, found: addresses.len(), source_name });
     }
     Ok(addresses)
 }
@@ -81,10 +120,7 @@ pub fn timely_config(args: &RunArgs) -> Result<timely::Config, ConfigError> {
         return Err(ConfigError::NoProcesses);
     }
     if args.process_id >= args.processes {
-        return Err(ConfigError::ProcessIdOutOfRange {
-            id: args.process_id,
-            processes: args.processes,
-        });
+        return Err(ConfigError::ProcessIdOutOfRange { id: args.process_id, processes: args.processes });
     }
     for (value, flag) in [
         (args.epoch_records, "--epoch-records"),
@@ -107,19 +143,12 @@ pub fn timely_config(args: &RunArgs) -> Result<timely::Config, ConfigError> {
             zerocopy: false,
         }
     };
-    Ok(timely::Config {
-        communication,
-        worker: timely::WorkerConfig::default(),
-    })
+    Ok(timely::Config { communication, worker: timely::WorkerConfig::default() })
 }
 
 /// The record limits the job validates against.
 pub fn limits(args: &RunArgs) -> Limits {
-    Limits {
-        max_bytes: args.max_message_bytes,
-        max_age: args.max_age,
-        max_future: args.max_future,
-    }
+    Limits { max_bytes: args.max_message_bytes, max_age: args.max_age, max_future: args.max_future }
 }
 
 #[cfg(test)]
@@ -143,52 +172,49 @@ mod tests {
 
     #[test]
     fn process_id_must_be_below_processes() {
-        let err =
-            timely_config(&run_args(&["-n", "2", "-p", "2", "--hosts", "a:1,b:2"])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "--process-id 2 is outside --processes 2 (valid ids: 0 to 1)"
-        );
+        let err = timely_config(&run_args(&["-n", "2", "-p", "2", "--hosts", "a:1,b:2"])).unwrap_err();
+        assert_eq!(err.to_string(), "--process-id 2 is outside --processes 2 (valid ids: 0 to 1)");
     }
 
     #[test]
     fn host_list_must_match_processes() {
         let err = timely_config(&run_args(&["-n", "3", "--hosts", "a:1,b:2"])).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ConfigError::AddressCount {
-                    processes: 3,
-                    found: 2,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, ConfigError::AddressCount { processes: 3, found: 2, .. }), "{err}");
     }
 
     #[test]
     fn hostfile_ignores_comments_and_blank_lines() {
         let path = std::env::temp_dir().join(format!("fleetflow-hostfile-{}", std::process::id()));
-        std::fs::write(
-            &path,
-            "# the job\n127.0.0.1:2101\n\n127.0.0.1:2102  # second\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "# the job\n127.0.0.1:2101\n\n127.0.0.1:2102  # second\n").unwrap();
         let args = run_args(&["-n", "2", "--hostfile", path.to_str().unwrap()]);
-        assert_eq!(
-            cluster_addresses(&args).unwrap(),
-            vec!["127.0.0.1:2101", "127.0.0.1:2102"]
-        );
+        assert_eq!(cluster_addresses(&args).unwrap(), vec!["127.0.0.1:2101", "127.0.0.1:2102"]);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn config_file_keys_map_to_flag_variables() {
+        let cli = <Cli as clap::CommandFactory>::command();
+        let text =
+            "workers = 3\nepoch_records = 500\nhosts = [\"a:1\", \"b:2\"]\n[kafka]\n\"security.protocol\" = \"ssl\"\n";
+        let file = parse_config_file(Path::new("f.toml"), text, &cli).unwrap();
+        assert!(file.env.contains(&("FLEETFLOW_WORKERS".into(), "3".into())));
+        assert!(file.env.contains(&("FLEETFLOW_EPOCH_RECORDS".into(), "500".into())));
+        assert!(file.env.contains(&("FLEETFLOW_HOSTS".into(), "a:1,b:2".into())));
+        assert_eq!(file.kafka, vec![("security.protocol".into(), "ssl".into())]);
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys_by_name() {
+        let cli = <Cli as clap::CommandFactory>::command();
+        let err = parse_config_file(Path::new("f.toml"), "workers = 2\nworkerz = 3\n", &cli).unwrap_err();
+        assert!(err.to_string().starts_with("unknown key `workerz` in f.toml"), "{err}");
+        let err = parse_config_file(Path::new("f.toml"), "workers = ", &cli).unwrap_err();
+        assert!(matches!(err, ConfigError::ConfigFile { .. }), "{err}");
     }
 
     #[test]
     fn addresses_need_a_port() {
         let err = timely_config(&run_args(&["-n", "2", "--hosts", "a:1,b"])).unwrap_err();
-        assert!(
-            matches!(err, ConfigError::BadAddress(ref a) if a == "b"),
-            "{err}"
-        );
+        assert!(matches!(err, ConfigError::BadAddress(ref a) if a == "b"), "{err}");
     }
 }

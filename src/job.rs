@@ -49,6 +49,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     spawn_shutdown_watchdog(shutdown.clone(), args.shutdown_timeout);
 
     let stats = Arc::new(Stats::default());
+    if let Some(listen) = &args.metrics_listen {
+        runtime.block_on(crate::metrics::serve(listen, stats.clone()))?;
+    }
+    if let (Some(retain), 0) = (args.retain, args.process_id) {
+        runtime.spawn(apply_retention(args.database.database_url.clone(), retain));
+    }
     let started = Instant::now();
     let reporter_stop = Arc::new(AtomicBool::new(false));
     let reporter = spawn_reporter(stats.clone(), args.report_interval, reporter_stop.clone());
@@ -81,13 +87,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let latency = stats
         .latency
         .lock()
-        .map(|h| {
-            if h.is_empty() {
-                (0, 0)
-            } else {
-                (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
-            }
-        })
+        .map(|h| if h.is_empty() { (0, 0) } else { (h.value_at_quantile(0.5), h.value_at_quantile(0.99)) })
         .unwrap_or((0, 0));
     // The rate counts the time until the last write, not the idle wait before exiting.
     let active = stats.active().as_secs_f64();
@@ -126,11 +126,7 @@ fn spawn_shutdown_watchdog(shutdown: Arc<AtomicBool>, timeout: Duration) {
 }
 
 /// Prints one progress line every `interval`.
-fn spawn_reporter(
-    stats: Arc<Stats>,
-    interval: Duration,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
+fn spawn_reporter(stats: Arc<Stats>, interval: Duration, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut last = (Instant::now(), 0u64);
         while !stop.load(Ordering::Relaxed) {
@@ -141,14 +137,12 @@ fn spawn_reporter(
             let read = Stats::get(&stats.records_read);
             let rate = (read - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
             last = (Instant::now(), read);
-            let waiting = match (
-                stats.database_waiting.load(Ordering::Relaxed),
-                stats.backpressured.load(Ordering::Relaxed),
-            ) {
-                (true, _) => " (waiting for the database)",
-                (false, true) => " (backpressure: the database is behind)",
-                _ => "",
-            };
+            let waiting =
+                match (stats.database_waiting.load(Ordering::Relaxed), stats.backpressured.load(Ordering::Relaxed)) {
+                    (true, _) => " (waiting for the database)",
+                    (false, true) => " (backpressure: the database is behind)",
+                    _ => "",
+                };
             tracing::info!(
                 records_read = read,
                 rate = format!("{rate:.0}"),
@@ -184,15 +178,23 @@ fn install_panic_hook() {
             );
             std::process::exit(3);
         }
-        let thread = std::thread::current()
-            .name()
-            .unwrap_or("unnamed")
-            .to_owned();
-        let location = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!("fleetflow: internal error in thread {thread}: {message}{location}; stopping (please report this)");
         std::process::exit(101);
     }));
+}
+
+/// With `--retain`, process 0 drops raw chunks older than the retention every hour.
+async fn apply_retention(url: String, retain: Duration) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        match crate::ops::drop_old_chunks(&url, retain).await {
+            Ok(n) => {
+                tracing::info!(dropped_chunks = n, retain = %humantime::format_duration(retain), "retention applied")
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention failed; retrying in an hour"),
+        }
+    }
 }

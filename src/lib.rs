@@ -11,6 +11,8 @@ pub mod gateway;
 pub mod job;
 pub mod kafka;
 pub mod loadgen;
+pub mod metrics;
+pub mod ops;
 pub mod partitioning;
 pub mod record;
 pub mod sink;

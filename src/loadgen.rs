@@ -37,13 +37,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(
-        servers: u32,
-        interval: Duration,
-        start_ms: i64,
-        seed: u64,
-        bad_fraction: f64,
-    ) -> Fleet {
+    pub fn new(servers: u32, interval: Duration, start_ms: i64, seed: u64, bad_fraction: f64) -> Fleet {
         Fleet::with_duplicates(servers, interval, start_ms, seed, bad_fraction, 0.0)
     }
 
@@ -100,8 +94,7 @@ impl Fleet {
         self.next += 1;
         let server_id = format!("s{}", index + 1);
         // Servers are spread over the interval, as a real fleet's clocks would be.
-        let ts =
-            self.start_ms + round * self.interval_ms + (index as i64 * self.interval_ms) / n as i64;
+        let ts = self.start_ms + round * self.interval_ms + (index as i64 * self.interval_ms) / n as i64;
         let rng = &mut self.rng;
         let s = &mut self.servers[index];
         let walk = |v: &mut f64, step: f64, lo: f64, hi: f64, rng: &mut fastrand::Rng| {
@@ -153,10 +146,7 @@ pub struct LoadgenReport {
 /// through the gateway with `--gateway`.
 pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenReport> {
     if let Some(url) = &args.gateway {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return runtime.block_on(produce_http(args, url, stop));
     }
     produce_kafka(args, stop)
@@ -172,19 +162,12 @@ fn plan(args: &LoadgenArgs) -> anyhow::Result<(i64, Option<f64>)> {
             .timestamp_millis(),
         None => {
             // Rounds end at "now" at the latest, so the job's future bound never rejects them.
-            let rounds = args
-                .count
-                .map(|c| c.div_ceil(servers as u64) as i64)
-                .unwrap_or(0);
+            let rounds = args.count.map(|c| c.div_ceil(servers as u64) as i64).unwrap_or(0);
             crate::record::now_ms() - rounds * interval_ms
         }
     };
     // Without --count and --rate, servers report at their real cadence.
-    let rate = args.rate.or_else(|| {
-        args.count
-            .is_none()
-            .then(|| servers as f64 / args.interval.as_secs_f64())
-    });
+    let rate = args.rate.or_else(|| args.count.is_none().then(|| servers as f64 / args.interval.as_secs_f64()));
     Ok((start_ms, rate))
 }
 
@@ -212,17 +195,11 @@ async fn pace(started: Instant, sent: u64, rate: Option<f64>) {
 
 /// Sends batches of NDJSON to the gateway over `--connections` keep-alive connections,
 /// retrying a batch after Retry-After on 429 and 503.
-async fn produce_http(
-    args: &LoadgenArgs,
-    url: &str,
-    stop: &AtomicBool,
-) -> anyhow::Result<LoadgenReport> {
+async fn produce_http(args: &LoadgenArgs, url: &str, stop: &AtomicBool) -> anyhow::Result<LoadgenReport> {
     let (start_ms, rate) = plan(args)?;
     let fleet = std::sync::Mutex::new(fleet_for(args, start_ms));
     let endpoint = format!("{}/v1/metrics", url.trim_end_matches('/'));
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.connections)
-        .build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections).build()?;
     let sent = AtomicU64::new(0);
     let accepted = AtomicU64::new(0);
     let rejected = AtomicU64::new(0);
@@ -232,16 +209,14 @@ async fn produce_http(
             let body = {
                 let mut fleet = fleet.lock().expect("fleet lock");
                 let already = sent.load(Ordering::Relaxed);
-                let room = args.count.map_or(args.http_batch as u64, |c| {
-                    c.saturating_sub(already).min(args.http_batch as u64)
-                });
+                let room = args
+                    .count
+                    .map_or(args.http_batch as u64, |c| c.saturating_sub(already).min(args.http_batch as u64));
                 if room == 0 || stop.load(Ordering::Relaxed) {
                     return Ok::<(), anyhow::Error>(());
                 }
                 sent.fetch_add(room, Ordering::Relaxed);
-                (0..room)
-                    .map(|_| fleet.next_record().1 + "\n")
-                    .collect::<String>()
+                (0..room).map(|_| fleet.next_record().1 + "\n").collect::<String>()
             };
             pace(started, sent.load(Ordering::Relaxed), rate).await;
             loop {
@@ -253,22 +228,15 @@ async fn produce_http(
                     .await
                     .with_context(|| format!("cannot reach the gateway at {endpoint}"))?;
                 let status = response.status().as_u16();
-                let retry = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .unwrap_or(1);
+                let retry =
+                    response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
                 let reply: serde_json::Value =
-                    serde_json::from_slice(&response.bytes().await.unwrap_or_default())
-                        .unwrap_or_default();
+                    serde_json::from_slice(&response.bytes().await.unwrap_or_default()).unwrap_or_default();
                 match status {
                     202 | 400 => {
-                        accepted
-                            .fetch_add(reply["accepted"].as_u64().unwrap_or(0), Ordering::Relaxed);
-                        rejected.fetch_add(
-                            reply["rejected"].as_array().map_or(0, |r| r.len() as u64),
-                            Ordering::Relaxed,
-                        );
+                        accepted.fetch_add(reply["accepted"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                        rejected
+                            .fetch_add(reply["rejected"].as_array().map_or(0, |r| r.len() as u64), Ordering::Relaxed);
                         break;
                     }
                     429 | 503 => tokio::time::sleep(Duration::from_secs(retry)).await,
@@ -277,8 +245,7 @@ async fn produce_http(
             }
         }
     };
-    let results =
-        futures_util::future::join_all((0..args.connections.max(1)).map(|_| worker())).await;
+    let results = futures_util::future::join_all((0..args.connections.max(1)).map(|_| worker())).await;
     results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let duplicates = fleet.lock().expect("fleet lock").duplicates;
     Ok(LoadgenReport {
@@ -310,16 +277,12 @@ fn produce_kafka(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<Loadge
             }
         }
         let (key, payload) = fleet.next_record();
-        let mut record = BaseRecord::to(&args.kafka.topic)
-            .key(&key)
-            .payload(&payload);
+        let mut record = BaseRecord::to(&args.kafka.topic).key(&key).payload(&payload);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
                 Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
                     r,
                 )) => {
                     record = r;
@@ -330,9 +293,7 @@ fn produce_kafka(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<Loadge
         }
         sent += 1;
     }
-    producer
-        .flush(Duration::from_secs(60))
-        .context("Kafka did not acknowledge every record within 60 s")?;
+    producer.flush(Duration::from_secs(60)).context("Kafka did not acknowledge every record within 60 s")?;
     Ok(LoadgenReport {
         sent,
         delivered: deliveries.delivered.load(Ordering::Relaxed),
@@ -382,14 +343,8 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..700 {
             let (key, payload) = fleet.next_record();
-            let m = decode(
-                payload.as_bytes(),
-                Some(key.as_bytes()),
-                None,
-                start + 86_400_000,
-                &Limits::default(),
-            )
-            .unwrap();
+            let m =
+                decode(payload.as_bytes(), Some(key.as_bytes()), None, start + 86_400_000, &Limits::default()).unwrap();
             assert!(seen.insert((m.server_id, m.time_us)));
             assert!((0.0..=100.0).contains(&m.cpu.unwrap()));
         }
@@ -402,14 +357,7 @@ mod tests {
         let bad = (0..1000)
             .filter(|_| {
                 let (key, payload) = fleet.next_record();
-                decode(
-                    payload.as_bytes(),
-                    Some(key.as_bytes()),
-                    None,
-                    start + 86_400_000,
-                    &Limits::default(),
-                )
-                .is_err()
+                decode(payload.as_bytes(), Some(key.as_bytes()), None, start + 86_400_000, &Limits::default()).is_err()
             })
             .count();
         assert!((350..650).contains(&bad), "{bad} bad of 1000");

@@ -9,7 +9,14 @@ use clap::Parser;
 use fleetflow::cli::{Cli, Command, TopicCommand};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let kafka_from_file = match load_config_file() {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("fleetflow: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version
@@ -18,15 +25,16 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
             eprintln!("fleetflow: {first} (see --help)");
             return ExitCode::from(2);
         }
     };
+    if let Some(kafka) = kafka_args(&mut cli.command) {
+        // File settings first, so the user's -X flags override them.
+        let flags = std::mem::take(&mut kafka.kafka_options);
+        kafka.kafka_options = kafka_from_file.into_iter().chain(flags).collect();
+    }
     init_logging();
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,28 +63,13 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 report.rejected,
                 report.failed
             );
-            anyhow::ensure!(
-                report.failed == 0,
-                "{} records were not acknowledged by Kafka",
-                report.failed
-            );
+            anyhow::ensure!(report.failed == 0, "{} records were not acknowledged by Kafka", report.failed);
             Ok(())
         }
-        Command::Topic(TopicCommand::Create {
-            kafka,
-            partitions,
-            replication,
-        }) => {
+        Command::Topic(TopicCommand::Create { kafka, partitions, replication }) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(fleetflow::kafka::admin::create_topic(
-                &kafka,
-                partitions,
-                replication,
-            ))?;
-            println!(
-                "topic {:?} ready on {} ({partitions} partitions)",
-                kafka.topic, kafka.brokers
-            );
+            runtime.block_on(fleetflow::kafka::admin::create_topic(&kafka, partitions, replication))?;
+            println!("topic {:?} ready on {} ({partitions} partitions)", kafka.topic, kafka.brokers);
             Ok(())
         }
         Command::Gateway(args) => {
@@ -89,6 +82,20 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             print!("{}", fleetflow::bench::table(&report));
             std::fs::write(&output, serde_json::to_string_pretty(&report)?)?;
             println!("written to {}", output.display());
+            Ok(())
+        }
+        Command::Status(args) => {
+            print!("{}", runtime()?.block_on(fleetflow::ops::status(args))?);
+            Ok(())
+        }
+        Command::Check(args) => {
+            let (report, ok) = runtime()?.block_on(fleetflow::ops::check(args));
+            print!("{report}");
+            anyhow::ensure!(ok, "some checks failed (see above)");
+            Ok(())
+        }
+        Command::Retention(args) => {
+            println!("{}", runtime()?.block_on(fleetflow::ops::retention(args))?);
             Ok(())
         }
         Command::Migrate(db) => {
@@ -115,4 +122,44 @@ fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// Reads `--config FILE` (or FLEETFLOW_CONFIG) before the flags are parsed: each key becomes
+/// the default of its FLEETFLOW_* variable unless that is set, so flags > env > file >
+/// defaults. Returns the file's `[kafka]` settings.
+fn load_config_file() -> Result<Vec<(String, String)>, fleetflow::config::ConfigError> {
+    let args: Vec<String> = std::env::args().collect();
+    let from_flag = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--config=")
+            .map(str::to_owned)
+            .or_else(|| (a == "--config").then(|| args.get(i + 1).cloned()).flatten())
+    });
+    let Some(path) = from_flag.or_else(|| std::env::var("FLEETFLOW_CONFIG").ok()) else { return Ok(Vec::new()) };
+    let path = std::path::PathBuf::from(path);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| fleetflow::config::ConfigError::ConfigFile { path: path.clone(), message: e.to_string() })?;
+    let file = fleetflow::config::parse_config_file(&path, &text, &<Cli as clap::CommandFactory>::command())?;
+    for (env, value) in file.env {
+        if std::env::var_os(&env).is_none() {
+            // Single-threaded here: nothing else reads the environment yet.
+            std::env::set_var(env, value);
+        }
+    }
+    Ok(file.kafka)
+}
+
+fn kafka_args(command: &mut Command) -> Option<&mut fleetflow::cli::KafkaArgs> {
+    match command {
+        Command::Run(a) | Command::Check(a) => Some(&mut a.kafka),
+        Command::Loadgen(a) => Some(&mut a.kafka),
+        Command::Topic(TopicCommand::Create { kafka, .. }) => Some(kafka),
+        Command::Gateway(a) => Some(&mut a.kafka),
+        Command::Bench(a) => Some(&mut a.kafka),
+        Command::Status(a) => Some(&mut a.kafka),
+        Command::Migrate(_) | Command::Retention(_) => None,
+    }
 }

@@ -45,16 +45,12 @@ pub fn partition_owner(partition: i32, workers: usize) -> usize {
 
 /// The partitions of a `partitions`-partition topic that `worker` reads.
 pub fn owned_partitions(worker: usize, workers: usize, partitions: i32) -> Vec<i32> {
-    (0..partitions)
-        .filter(|p| partition_owner(*p, workers) == worker)
-        .collect()
+    (0..partitions).filter(|p| partition_owner(*p, workers) == worker).collect()
 }
 
 /// The key groups `worker` writes.
 pub fn owned_key_groups(worker: usize, workers: usize) -> Vec<u16> {
-    (0..KEY_GROUPS)
-        .filter(|g| key_group_owner(*g, workers) == worker)
-        .collect()
+    (0..KEY_GROUPS).filter(|g| key_group_owner(*g, workers) == worker).collect()
 }
 
 #[cfg(test)]

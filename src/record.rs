@@ -46,11 +46,7 @@ pub enum DecodeError {
     #[error("serverId is {0} bytes long; the limit is {MAX_SERVER_ID_BYTES}")]
     ServerIdTooLong(usize),
     #[error("field {field:?} must be {expected}, found {found}")]
-    WrongType {
-        field: String,
-        expected: &'static str,
-        found: &'static str,
-    },
+    WrongType { field: String, expected: &'static str, found: &'static str },
     #[error("field {0:?} is not a finite number")]
     NonFinite(String),
     #[error("record has no numeric metric (cpu, ram or another number)")]
@@ -288,32 +284,16 @@ impl RawRecord {
             Some(FieldValue::Text(s)) => chrono::DateTime::parse_from_rfc3339(&s)
                 .map_err(|e| DecodeError::BadTimestamp(format!("{s:?} is not RFC 3339 ({e})")))?
                 .timestamp_micros(),
-            Some(other) => {
-                return Err(wrong_type(
-                    "ts",
-                    "RFC 3339 text or epoch milliseconds",
-                    &other,
-                ))
-            }
+            Some(other) => return Err(wrong_type("ts", "RFC 3339 text or epoch milliseconds", &other)),
             None => fallback_time_ms.ok_or(DecodeError::MissingTimestamp)? * 1000,
         };
         check_time_window(time_us, now_ms, limits)?;
-        Ok(Metric {
-            server_id,
-            time_us,
-            cpu,
-            ram,
-            extra: self.extra,
-        })
+        Ok(Metric { server_id, time_us, cpu, ram, extra: self.extra })
     }
 }
 
 fn wrong_type(field: &str, expected: &'static str, found: &FieldValue) -> DecodeError {
-    DecodeError::WrongType {
-        field: field.to_owned(),
-        expected,
-        found: found.type_name(),
-    }
+    DecodeError::WrongType { field: field.to_owned(), expected, found: found.type_name() }
 }
 
 fn number_field(name: &str, v: Option<FieldValue>) -> Result<Option<f64>, DecodeError> {
@@ -351,10 +331,7 @@ pub fn format_micros(us: i64) -> String {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -365,21 +342,12 @@ mod tests {
     const NOW: i64 = 1_700_000_000_000;
 
     fn dec(json: &str) -> Result<Metric, DecodeError> {
-        decode(
-            json.as_bytes(),
-            None,
-            Some(NOW - 1000),
-            NOW,
-            &Limits::default(),
-        )
+        decode(json.as_bytes(), None, Some(NOW - 1000), NOW, &Limits::default())
     }
 
     #[test]
     fn valid_record_keeps_extra_numbers_and_ignores_tags() {
-        let m = dec(
-            r#"{"serverId":"s17","cpu":45,"ram":60.5,"disk":3,"host":"web-1","ts":1699999999000}"#,
-        )
-        .unwrap();
+        let m = dec(r#"{"serverId":"s17","cpu":45,"ram":60.5,"disk":3,"host":"web-1","ts":1699999999000}"#).unwrap();
         assert_eq!(m.server_id, "s17");
         assert_eq!((m.cpu, m.ram), (Some(45.0), Some(60.5)));
         assert_eq!(m.extra, vec![("disk".to_string(), 3.0)]);
@@ -396,13 +364,7 @@ mod tests {
         assert_eq!(c.time_us, 1_700_000_000_500_000);
         let fallback = dec(r#"{"serverId":"a","cpu":1}"#).unwrap();
         assert_eq!(fallback.time_us, (NOW - 1000) * 1000);
-        let none = decode(
-            br#"{"serverId":"a","cpu":1}"#,
-            None,
-            None,
-            NOW,
-            &Limits::default(),
-        );
+        let none = decode(br#"{"serverId":"a","cpu":1}"#, None, None, NOW, &Limits::default());
         assert_eq!(none, Err(DecodeError::MissingTimestamp));
     }
 
@@ -420,19 +382,10 @@ mod tests {
             (r#"{"serverId":"a","cpu":1e999}"#, "non_finite"),
             (r#"{"serverId":"a","cpu":NaN}"#, "malformed_json"),
             (r#"{"serverId":"a","host":"x"}"#, "no_metrics"),
-            (
-                r#"{"serverId":"a","cpu":1,"ts":"yesterday"}"#,
-                "bad_timestamp",
-            ),
+            (r#"{"serverId":"a","cpu":1,"ts":"yesterday"}"#, "bad_timestamp"),
             (r#"{"serverId":"a","cpu":1,"ts":true}"#, "wrong_type"),
-            (
-                r#"{"serverId":"a","cpu":1,"ts":1}"#,
-                "timestamp_out_of_bounds",
-            ),
-            (
-                r#"{"serverId":"a","cpu":1,"ts":9999999999999}"#,
-                "timestamp_out_of_bounds",
-            ),
+            (r#"{"serverId":"a","cpu":1,"ts":1}"#, "timestamp_out_of_bounds"),
+            (r#"{"serverId":"a","cpu":1,"ts":9999999999999}"#, "timestamp_out_of_bounds"),
         ];
         for (json, kind) in cases {
             let err = dec(json).expect_err(json);
@@ -447,29 +400,15 @@ mod tests {
     #[test]
     fn size_utf8_and_key_checks() {
         let big = vec![b' '; 70_000];
+        assert_eq!(decode(&big, None, Some(NOW), NOW, &Limits::default()).unwrap_err().kind(), "too_large");
         assert_eq!(
-            decode(&big, None, Some(NOW), NOW, &Limits::default())
-                .unwrap_err()
-                .kind(),
-            "too_large"
-        );
-        assert_eq!(
-            decode(
-                b"{\"serverId\":\"\xff\"}",
-                None,
-                Some(NOW),
-                NOW,
-                &Limits::default()
-            ),
+            decode(b"{\"serverId\":\"\xff\"}", None, Some(NOW), NOW, &Limits::default()),
             Err(DecodeError::InvalidUtf8)
         );
         let body = br#"{"serverId":"s1","cpu":1}"#;
         assert!(decode(body, Some(b"s1"), Some(NOW), NOW, &Limits::default()).is_ok());
         let err = decode(body, Some(b"s2"), Some(NOW), NOW, &Limits::default()).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            r#"message key "s2" disagrees with the body's serverId "s1""#
-        );
+        assert_eq!(err.to_string(), r#"message key "s2" disagrees with the body's serverId "s1""#);
     }
 
     #[test]

@@ -4,6 +4,22 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub partition: i32,
+}
+
 #[derive(Debug)]
 pub struct Stats {
     /// When the process started (rates are measured from here).
@@ -36,6 +52,16 @@ pub struct Stats {
     pub backpressured: AtomicBool,
     /// Some writer is waiting for the database to come back.
     pub database_waiting: AtomicBool,
+    /// Highest epoch a source of this process has opened.
+    pub newest_epoch: AtomicU64,
+    /// Epochs that became durable (counted by each worker as its durable frontier moves).
+    pub epochs_durable: AtomicU64,
+    /// Dead letters by reason (`DecodeError::kind`).
+    pub dead_letters_by_reason: Family<KindLabels, Counter>,
+    /// Messages behind the end, per partition.
+    pub partition_lag: Family<PartitionLabels, Gauge>,
+    /// Write transaction durations.
+    pub copy_seconds: Histogram,
     /// Produce-to-durable latency (ms) of every record, merged from the workers at exit.
     pub latency: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
 }
@@ -58,9 +84,13 @@ impl Default for Stats {
             lag: AtomicI64::new(0),
             backpressured: AtomicBool::new(false),
             database_waiting: AtomicBool::new(false),
+            newest_epoch: AtomicU64::new(0),
+            epochs_durable: AtomicU64::new(0),
+            dead_letters_by_reason: Family::default(),
+            partition_lag: Family::default(),
+            copy_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             latency: std::sync::Mutex::new(
-                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2)
-                    .expect("valid histogram bounds"),
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),
             ),
         }
     }
@@ -69,8 +99,7 @@ impl Default for Stats {
 impl Stats {
     /// Notes that a write just committed.
     pub fn mark_write(&self) {
-        self.last_write_ms
-            .fetch_max(self.started.elapsed().as_millis() as u64, Relaxed);
+        self.last_write_ms.fetch_max(self.started.elapsed().as_millis() as u64, Relaxed);
     }
 
     /// Time from start to the last committed write.

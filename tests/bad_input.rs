@@ -14,21 +14,13 @@ type TestMessage = (Option<Vec<u8>>, Vec<u8>, Option<&'static str>);
 fn messages(now_ms: i64) -> Vec<TestMessage> {
     let good = |i: usize| {
         let id = format!("s{i}");
-        let body = format!(
-            r#"{{"serverId":"{id}","cpu":{i},"ram":50,"ts":{}}}"#,
-            now_ms - 60_000 + i as i64
-        );
+        let body = format!(r#"{{"serverId":"{id}","cpu":{i},"ram":50,"ts":{}}}"#, now_ms - 60_000 + i as i64);
         (Some(id.into_bytes()), body.into_bytes(), None)
     };
-    let bad =
-        |key: &str, body: &[u8], kind| (Some(key.as_bytes().to_vec()), body.to_vec(), Some(kind));
+    let bad = |key: &str, body: &[u8], kind| (Some(key.as_bytes().to_vec()), body.to_vec(), Some(kind));
     let long_id = "x".repeat(300);
     // 1 MB: over the job's 64 KiB limit, under the broker's own 1 MiB limit.
-    let huge = format!(
-        r#"{{"serverId":"big","cpu":1,"pad":"{}"}}"#,
-        "y".repeat(1_000_000 - 35)
-    )
-    .into_bytes();
+    let huge = format!(r#"{{"serverId":"big","cpu":1,"pad":"{}"}}"#, "y".repeat(1_000_000 - 35)).into_bytes();
     assert_eq!(huge.len(), 1_000_000);
     let bad_cases = vec![
         bad("m1", br#"{"serverId":"m1","cpu":"#, "malformed_json"),
@@ -43,31 +35,15 @@ fn messages(now_ms: i64) -> Vec<TestMessage> {
         bad("m6", br#"{"serverId":"m6","cpu":"high"}"#, "wrong_type"),
         bad("m7", br#"{"serverId":"m7","cpu":1e999}"#, "non_finite"),
         bad("m8", br#"{"serverId":"m8","cpu":NaN}"#, "malformed_json"),
-        bad(
-            "m9",
-            br#"{"serverId":"m9","cpu":1,"ts":"1999-01-01T00:00:00Z"}"#,
-            "timestamp_out_of_bounds",
-        ),
+        bad("m9", br#"{"serverId":"m9","cpu":1,"ts":"1999-01-01T00:00:00Z"}"#, "timestamp_out_of_bounds"),
         bad(
             "m10",
-            format!(
-                r#"{{"serverId":"m10","cpu":1,"ts":{}}}"#,
-                now_ms + 86_400_000
-            )
-            .as_bytes(),
+            format!(r#"{{"serverId":"m10","cpu":1,"ts":{}}}"#, now_ms + 86_400_000).as_bytes(),
             "timestamp_out_of_bounds",
         ),
         bad("big", &huge, "too_large"),
-        bad(
-            "m12",
-            b"{\"serverId\":\"m12\xff\",\"cpu\":1}",
-            "invalid_utf8",
-        ),
-        bad(
-            "someone-else",
-            br#"{"serverId":"m13","cpu":1}"#,
-            "key_mismatch",
-        ),
+        bad("m12", b"{\"serverId\":\"m12\xff\",\"cpu\":1}", "invalid_utf8"),
+        bad("someone-else", br#"{"serverId":"m13","cpu":1}"#, "key_mismatch"),
         (None, b"not json at all".to_vec(), Some("malformed_json")),
     ];
     let mut all = Vec::new();
@@ -89,30 +65,19 @@ fn every_kind_of_bad_message_is_dead_lettered_once_and_the_rest_lands() {
         kafka_options: vec![("message.max.bytes".into(), "2000000".into())],
         ..stack.broker.kafka(&stack.topic)
     };
-    let producer = fleetflow::kafka::producer::producer(
-        &kafka,
-        fleetflow::loadgen::ArcContext(deliveries.clone()),
-    )
-    .unwrap();
+    let producer =
+        fleetflow::kafka::producer::producer(&kafka, fleetflow::loadgen::ArcContext(deliveries.clone())).unwrap();
     for (i, (key, value, _)) in messages.iter().enumerate() {
         // Spread over both partitions so both source workers see bad input.
-        let mut record = BaseRecord::to(&stack.topic)
-            .payload(value)
-            .partition((i % 2) as i32);
+        let mut record = BaseRecord::to(&stack.topic).payload(value).partition((i % 2) as i32);
         if let Some(k) = key {
             record = record.key(k);
         }
         producer.send(record).map_err(|(e, _)| e).unwrap();
     }
     producer.flush(Duration::from_secs(30)).unwrap();
-    let delivered = deliveries
-        .delivered
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(
-        delivered,
-        messages.len() as u64,
-        "the broker acknowledged every message"
-    );
+    let delivered = deliveries.delivered.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(delivered, messages.len() as u64, "the broker acknowledged every message");
 
     // Two runs: the second must not add anything (dead letters are exactly-once too).
     for run in ["first", "second"] {
@@ -124,10 +89,7 @@ fn every_kind_of_bad_message_is_dead_lettered_once_and_the_rest_lands() {
     let expected_bad: Vec<&str> = messages.iter().filter_map(|m| m.2).collect();
     let good = (messages.len() - expected_bad.len()) as i64;
     assert_eq!(db.scalar("SELECT count(*) FROM metrics"), good);
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM fleetflow_dead_letters"),
-        expected_bad.len() as i64
-    );
+    assert_eq!(db.scalar("SELECT count(*) FROM fleetflow_dead_letters"), expected_bad.len() as i64);
     assert_eq!(
         db.scalar("SELECT count(*) FROM (SELECT DISTINCT partition, \"offset\" FROM fleetflow_dead_letters) d"),
         expected_bad.len() as i64
@@ -140,30 +102,18 @@ fn every_kind_of_bad_message_is_dead_lettered_once_and_the_rest_lands() {
             .await
             .unwrap()
     });
-    let mut got: Vec<(String, Vec<u8>)> = rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(2)))
-        .collect();
+    let mut got: Vec<(String, Vec<u8>)> =
+        rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(2))).collect();
     for row in &rows {
-        assert!(
-            !row.get::<_, String>(1).is_empty(),
-            "every dead letter has a reason"
-        );
+        assert!(!row.get::<_, String>(1).is_empty(), "every dead letter has a reason");
     }
-    let mut want: Vec<(String, Vec<u8>)> = messages
-        .iter()
-        .filter(|m| m.2.is_some())
-        .map(|m| (m.2.unwrap().to_owned(), m.1.clone()))
-        .collect();
+    let mut want: Vec<(String, Vec<u8>)> =
+        messages.iter().filter(|m| m.2.is_some()).map(|m| (m.2.unwrap().to_owned(), m.1.clone())).collect();
     got.sort();
     want.sort();
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g.0, w.0, "dead-letter kind");
-        assert!(
-            g.1 == w.1,
-            "raw bytes of a {} dead letter are kept whole",
-            g.0
-        );
+        assert!(g.1 == w.1, "raw bytes of a {} dead letter are kept whole", g.0);
     }
 }

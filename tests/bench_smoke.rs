@@ -14,43 +14,16 @@ fn bench_runs_and_reports_non_zero_figures() {
     let db = Database::create("bench_smoke");
     let output = dir.join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_fleetflow"))
-        .args([
-            "bench",
-            "--brokers",
-            &broker.addr,
-            "--database-url",
-            &db.url,
-            "--records",
-            "20000",
-        ])
-        .args([
-            "--shapes",
-            "1x1,2x1",
-            "--latency-seconds",
-            "3",
-            "--output",
-            output.to_str().unwrap(),
-        ])
+        .args(["bench", "--brokers", &broker.addr, "--database-url", &db.url, "--records", "20000"])
+        .args(["--shapes", "1x1,2x1", "--latency-seconds", "3", "--output", output.to_str().unwrap()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("Kafka ceiling") && stdout.contains("2x2    --dedup natural-key"),
-        "{stdout}"
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Kafka ceiling") && stdout.contains("2x2    --dedup natural-key"), "{stdout}");
 
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
-    for key in [
-        "kafka_ceiling_records_per_second",
-        "database_ceiling_rows_per_second",
-        "produce_records_per_second",
-    ] {
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    for key in ["kafka_ceiling_records_per_second", "database_ceiling_rows_per_second", "produce_records_per_second"] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
     }
     let jobs = report["jobs"].as_array().unwrap();
@@ -59,21 +32,9 @@ fn bench_runs_and_reports_non_zero_figures() {
         assert_eq!(job["rows"], 20_000, "{job}");
         assert!(job["rows_per_second"].as_f64().unwrap() > 0.0, "{job}");
         assert!(job["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{job}");
-        assert!(
-            job["cpu_seconds_per_million"].as_f64().unwrap() > 0.0,
-            "{job}"
-        );
-        assert!(
-            job["peak_rss_mib_per_process"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|m| m.as_f64().unwrap() > 1.0),
-            "{job}"
-        );
+        assert!(job["cpu_seconds_per_million"].as_f64().unwrap() > 0.0, "{job}");
+        assert!(job["peak_rss_mib_per_process"].as_array().unwrap().iter().all(|m| m.as_f64().unwrap() > 1.0), "{job}");
     }
-    assert!(
-        report["latency_p99_ms"].as_u64().unwrap() >= report["latency_p50_ms"].as_u64().unwrap()
-    );
+    assert!(report["latency_p99_ms"].as_u64().unwrap() >= report["latency_p50_ms"].as_u64().unwrap());
     assert!(report["latency_p50_ms"].as_u64().unwrap() > 0, "{report}");
 }

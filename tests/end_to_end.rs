@@ -22,24 +22,14 @@ fn two_by_two_job_writes_every_record_exactly_once() {
     assert_exactly_once(&stack, RECORDS as i64, 4);
     let db = &stack.db;
     // Promise 2: one worker per serverId (the audit table names the writer of each batch).
-    assert_eq!(
-        db.scalar("SELECT count(DISTINCT server_id) FROM fleetflow_audit"),
-        SERVERS as i64
-    );
-    assert_eq!(
-        db.scalar("SELECT sum(rows)::bigint FROM fleetflow_audit"),
-        RECORDS as i64
-    );
+    assert_eq!(db.scalar("SELECT count(DISTINCT server_id) FROM fleetflow_audit"), SERVERS as i64);
+    assert_eq!(db.scalar("SELECT sum(rows)::bigint FROM fleetflow_audit"), RECORDS as i64);
     assert_eq!(
         db.scalar("SELECT count(*) FROM (SELECT server_id FROM fleetflow_audit GROUP BY server_id HAVING count(DISTINCT worker) > 1) s"),
         0,
         "some serverId was written by more than one worker"
     );
-    assert_eq!(
-        db.scalar("SELECT count(DISTINCT worker)::bigint FROM fleetflow_audit"),
-        4,
-        "all four workers wrote"
-    );
+    assert_eq!(db.scalar("SELECT count(DISTINCT worker)::bigint FROM fleetflow_audit"), 4, "all four workers wrote");
     assert_eq!(db.scalar("SELECT count(*) FROM fleetflow_dead_letters"), 0);
 
     // The consumer group mirrors the committed offsets, for ops' lag tools.
@@ -58,12 +48,6 @@ fn committed_group_offsets(stack: &Stack, partitions: i32) -> Vec<(i32, i64)> {
     for p in 0..partitions {
         list.add_partition(&stack.topic, p);
     }
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .unwrap();
-    committed
-        .elements()
-        .iter()
-        .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
-        .collect()
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    committed.elements().iter().map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1))).collect()
 }

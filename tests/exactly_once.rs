@@ -11,10 +11,7 @@ use common::{assert_exactly_once, Job, Stack};
 const CHAOS_RECORDS: u64 = 200_000;
 
 fn chaos_seed() -> u64 {
-    std::env::var("FLEETFLOW_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_261_124)
+    std::env::var("FLEETFLOW_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_124)
 }
 
 #[test]
@@ -40,18 +37,15 @@ fn chaos_sigkill_schedule_gives_exactly_once() {
 
     let mut last = Job::start(&stack, "final", 2, 2, &["--exit-when-idle", "3s"]);
     last.wait_success(Duration::from_secs(300));
-    println!("chaos seed {seed}: {} kills (round, delay, victim, rows at kill, survivors that exited alone):", kills.len());
+    println!(
+        "chaos seed {seed}: {} kills (round, delay, victim, rows at kill, survivors that exited alone):",
+        kills.len()
+    );
     for k in &kills {
         println!("  {k:?}");
     }
-    let mid_stream = kills
-        .iter()
-        .filter(|k| k.3 > 0 && k.3 < CHAOS_RECORDS as i64)
-        .count();
-    assert!(
-        mid_stream >= 5,
-        "only {mid_stream} kills hit the job mid-stream: the schedule tested too little"
-    );
+    let mid_stream = kills.iter().filter(|k| k.3 > 0 && k.3 < CHAOS_RECORDS as i64).count();
+    assert!(mid_stream >= 5, "only {mid_stream} kills hit the job mid-stream: the schedule tested too little");
     assert_exactly_once(&stack, CHAOS_RECORDS as i64, 4);
 }
 
@@ -71,10 +65,7 @@ fn restarts_with_another_shape_give_exactly_once() {
     stack.wait_for_rows(80_000, Duration::from_secs(120), &mut b);
     b.crash(1, Duration::ZERO);
     let at_kill = stack.db.metric_rows();
-    assert!(
-        at_kill < total as i64,
-        "the job finished before the second kill; not a rescale test"
-    );
+    assert!(at_kill < total as i64, "the job finished before the second kill; not a rescale test");
     // 1 x 3 finishes.
     let mut c = Job::start(&stack, "1x3", 1, 3, &["--exit-when-idle", "2s"]);
     c.wait_success(Duration::from_secs(300));
@@ -98,30 +89,16 @@ fn natural_key_dedup_drops_repeated_reports() {
         http_batch: 500,
         connections: 1,
     };
-    let report =
-        fleetflow::loadgen::produce(&args, &std::sync::atomic::AtomicBool::new(false)).unwrap();
+    let report = fleetflow::loadgen::produce(&args, &std::sync::atomic::AtomicBool::new(false)).unwrap();
     assert_eq!(report.failed, 0);
-    assert!(
-        report.duplicates > 2_000,
-        "the loadgen sent only {} repeats",
-        report.duplicates
-    );
+    assert!(report.duplicates > 2_000, "the loadgen sent only {} repeats", report.duplicates);
     let unique = (report.sent - report.duplicates) as i64;
 
-    let mut job = Job::start(
-        &stack,
-        "run",
-        1,
-        2,
-        &["--dedup", "natural-key", "--exit-when-idle", "2s"],
-    );
+    let mut job = Job::start(&stack, "run", 1, 2, &["--dedup", "natural-key", "--exit-when-idle", "2s"]);
     job.wait_success(Duration::from_secs(120));
     let db = &stack.db;
     assert_eq!(db.scalar("SELECT count(*) FROM metrics"), unique);
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM (SELECT DISTINCT server_id, time FROM metrics) d"),
-        unique
-    );
+    assert_eq!(db.scalar("SELECT count(*) FROM (SELECT DISTINCT server_id, time FROM metrics) d"), unique);
     // Without the flag the index stays in force: a second run over the same topic adds nothing.
     // (Forgetting the progress bookkeeping makes the second run re-read everything.)
     db.execute("DELETE FROM fleetflow_offsets; DELETE FROM fleetflow_watermarks");

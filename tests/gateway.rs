@@ -19,23 +19,11 @@ struct Reply {
 fn post(url: &str, body: &str) -> Reply {
     let rt = common::runtime();
     rt.block_on(async {
-        let response = reqwest::Client::new()
-            .post(url)
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
+        let response = reqwest::Client::new().post(url).body(body.to_owned()).send().await.unwrap();
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned());
+        let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
         let bytes = response.bytes().await.unwrap();
-        Reply {
-            status,
-            retry_after,
-            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        }
+        Reply { status, retry_after, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null) }
     })
 }
 
@@ -47,10 +35,7 @@ fn get(url: &str) -> (u16, String) {
 }
 
 fn record(server: &str, cpu: f64) -> String {
-    format!(
-        r#"{{"serverId":"{server}","cpu":{cpu},"ram":50,"ts":{}}}"#,
-        fleetflow::record::now_ms() - 1000
-    )
+    format!(r#"{{"serverId":"{server}","cpu":{cpu},"ram":50,"ts":{}}}"#, fleetflow::record::now_ms() - 1000)
 }
 
 #[test]
@@ -58,52 +43,21 @@ fn gateway_validates_limits_and_acknowledges_only_what_kafka_has() {
     let mut stack = Stack::start("gateway", 2);
     let gw = Gateway::start(
         &stack,
-        &[
-            "--max-body-bytes",
-            "20000",
-            "--rate-limit",
-            "5",
-            "--rate-burst",
-            "5",
-            "--produce-timeout",
-            "2s",
-        ],
+        &["--max-body-bytes", "20000", "--rate-limit", "5", "--rate-burst", "5", "--produce-timeout", "2s"],
     );
     let api = format!("{}/v1/metrics", gw.url);
     let mut acknowledged = 0;
 
     let r = post(&api, &record("a1", 10.0));
-    assert_eq!(
-        (r.status, r.body["accepted"].as_u64()),
-        (202, Some(1)),
-        "{}",
-        r.body
-    );
+    assert_eq!((r.status, r.body["accepted"].as_u64()), (202, Some(1)), "{}", r.body);
     acknowledged += 1;
 
-    let r = post(
-        &api,
-        &format!(
-            "[{}, {}, {}]",
-            record("a2", 1.0),
-            record("a3", 2.0),
-            record("a4", 3.0)
-        ),
-    );
-    assert_eq!(
-        (r.status, r.body["accepted"].as_u64()),
-        (202, Some(3)),
-        "{}",
-        r.body
-    );
+    let r = post(&api, &format!("[{}, {}, {}]", record("a2", 1.0), record("a3", 2.0), record("a4", 3.0)));
+    assert_eq!((r.status, r.body["accepted"].as_u64()), (202, Some(3)), "{}", r.body);
     acknowledged += 3;
 
     // Mixed NDJSON: the valid records go through, each invalid one has its reason.
-    let body = format!(
-        "{}\n{{\"serverId\":\"\",\"cpu\":1}}\n{}\nnot json\n",
-        record("b1", 1.0),
-        record("b2", 2.0)
-    );
+    let body = format!("{}\n{{\"serverId\":\"\",\"cpu\":1}}\n{}\nnot json\n", record("b1", 1.0), record("b2", 2.0));
     let r = post(&api, &body);
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.body["accepted"], 2);
@@ -112,14 +66,7 @@ fn gateway_validates_limits_and_acknowledges_only_what_kafka_has() {
     assert_eq!(rejected[0]["index"], 1);
     assert_eq!(rejected[0]["reason"], "serverId is empty");
     assert_eq!(rejected[1]["index"], 3);
-    assert!(
-        rejected[1]["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("malformed JSON"),
-        "{}",
-        r.body
-    );
+    assert!(rejected[1]["reason"].as_str().unwrap().starts_with("malformed JSON"), "{}", r.body);
     acknowledged += 2;
 
     // Size limit.
@@ -136,38 +83,21 @@ fn gateway_validates_limits_and_acknowledges_only_what_kafka_has() {
     acknowledged += 5;
 
     // Line protocol: Telegraf's cpu and mem lines for one host and time become one record.
-    let lines =
-        "cpu,host=lp1 usage_active=12.5 1700000000\nmem,host=lp1 used_percent=40 1700000000\n";
+    let lines = "cpu,host=lp1 usage_active=12.5 1700000000\nmem,host=lp1 used_percent=40 1700000000\n";
     let now_s = fleetflow::record::now_ms() / 1000;
-    let r = post(
-        &format!("{}/api/v2/write?precision=s", gw.url),
-        &lines.replace("1700000000", &now_s.to_string()),
-    );
-    assert_eq!(
-        (r.status, r.body["accepted"].as_u64()),
-        (202, Some(1)),
-        "{}",
-        r.body
-    );
+    let r = post(&format!("{}/api/v2/write?precision=s", gw.url), &lines.replace("1700000000", &now_s.to_string()));
+    assert_eq!((r.status, r.body["accepted"].as_u64()), (202, Some(1)), "{}", r.body);
     acknowledged += 1;
 
     let (status, _) = get(&format!("{}/healthz", gw.url));
     assert_eq!(status, 200);
     let (_, metrics) = get(&format!("{}/metrics", gw.url));
     assert!(
-        metrics.contains(&format!(
-            "fleetflow_gateway_records_total{{outcome=\"accepted\"}} {acknowledged}"
-        )),
+        metrics.contains(&format!("fleetflow_gateway_records_total{{outcome=\"accepted\"}} {acknowledged}")),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("fleetflow_gateway_rejections_total{reason=\"empty_server_id\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("fleetflow_gateway_produce_latency_seconds_count"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("fleetflow_gateway_rejections_total{reason=\"empty_server_id\"} 1"), "{metrics}");
+    assert!(metrics.contains("fleetflow_gateway_produce_latency_seconds_count"), "{metrics}");
 
     // Exactly what was acknowledged is in Kafka.
     assert_eq!(messages_in_topic(&stack, 2), acknowledged as i64);
@@ -187,16 +117,10 @@ fn gateway_shutdown_flushes_and_exits_cleanly() {
     let mut gw = Gateway::start(&stack, &[]);
     let r = post(&format!("{}/v1/metrics", gw.url), &record("s1", 1.0));
     assert_eq!(r.status, 202);
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &gw.child.id().to_string()])
-        .status();
+    let _ = std::process::Command::new("kill").args(["-TERM", &gw.child.id().to_string()]).status();
     let status = gw.child.wait().unwrap();
     assert!(status.success(), "gateway exit {status}\n{}", gw.log_text());
-    assert!(
-        gw.log_text().contains("flushing the producer"),
-        "{}",
-        gw.log_text()
-    );
+    assert!(gw.log_text().contains("flushing the producer"), "{}", gw.log_text());
     assert_eq!(messages_in_topic(&stack, 2), 1);
 }
 
@@ -220,32 +144,18 @@ fn what_the_gateway_acknowledged_lands_exactly_once_in_timescale() {
     };
     let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
     assert_eq!(report.sent, 20_000);
-    assert!(
-        report.rejected > 200,
-        "the bad records were not rejected: {report:?}"
-    );
-    assert_eq!(
-        report.delivered + report.rejected,
-        report.sent,
-        "{report:?}"
-    );
+    assert!(report.rejected > 200, "the bad records were not rejected: {report:?}");
+    assert_eq!(report.delivered + report.rejected, report.sent, "{report:?}");
 
     let mut job = Job::start(&stack, "job", 1, 2, &["--exit-when-idle", "2s"]);
     job.wait_success(Duration::from_secs(120));
+    assert_eq!(stack.db.scalar("SELECT count(*) FROM metrics"), report.delivered as i64);
     assert_eq!(
-        stack.db.scalar("SELECT count(*) FROM metrics"),
+        stack.db.scalar("SELECT count(*) FROM (SELECT DISTINCT server_id, time FROM metrics) d"),
         report.delivered as i64
     );
     assert_eq!(
-        stack
-            .db
-            .scalar("SELECT count(*) FROM (SELECT DISTINCT server_id, time FROM metrics) d"),
-        report.delivered as i64
-    );
-    assert_eq!(
-        stack
-            .db
-            .scalar("SELECT count(*) FROM fleetflow_dead_letters"),
+        stack.db.scalar("SELECT count(*) FROM fleetflow_dead_letters"),
         0,
         "the gateway let a bad record through"
     );

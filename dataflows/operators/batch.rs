@@ -11,11 +11,7 @@
 pub fn cut_batches<T>(mut records: Vec<T>, max: usize) -> Vec<Vec<T>> {
     let max = max.max(1);
     if records.len() <= max {
-        return if records.is_empty() {
-            Vec::new()
-        } else {
-            vec![records]
-        };
+        return if records.is_empty() { Vec::new() } else { vec![records] };
     }
     let mut batches = Vec::with_capacity(records.len().div_ceil(max));
     while records.len() > max {

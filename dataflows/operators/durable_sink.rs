@@ -65,9 +65,7 @@ impl<'scope> WriteDurably<'scope> for Stream<'scope, u64, Vec<Envelope>> {
                     let Some(held) = cap.retain_least(0) else {
                         return;
                     };
-                    let entry = open
-                        .entry(*held.time())
-                        .or_insert_with(|| (held, Vec::new()));
+                    let entry = open.entry(*held.time()).or_insert_with(|| (held, Vec::new()));
                     for container in data {
                         entry.1.append(container);
                     }

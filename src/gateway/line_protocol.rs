@@ -63,17 +63,10 @@ pub fn to_records(body: &str, precision: Precision) -> Vec<Result<String, String
         let measurement = line.series.measurement.as_str();
         let tags = line.series.tag_set.as_ref();
         let server = ["serverId", "server_id", "host"].iter().find_map(|want| {
-            tags.and_then(|t| {
-                t.iter()
-                    .find(|(k, _)| k.as_str() == *want)
-                    .map(|(_, v)| v.as_str().to_owned())
-            })
+            tags.and_then(|t| t.iter().find(|(k, _)| k.as_str() == *want).map(|(_, v)| v.as_str().to_owned()))
         });
         let Some(server) = server else {
-            out.push(Err(format!(
-                "line {}: no serverId, server_id or host tag",
-                n + 1
-            )));
+            out.push(Err(format!("line {}: no serverId, server_id or host tag", n + 1)));
             continue;
         };
         let key = (server.clone(), line.timestamp);
@@ -94,15 +87,11 @@ pub fn to_records(body: &str, precision: Precision) -> Vec<Result<String, String
                 FieldValue::F64(v) => *v,
                 FieldValue::String(_) | FieldValue::Boolean(_) => continue,
             };
-            let number = serde_json::Number::from_f64(number)
-                .map(Value::Number)
-                .unwrap_or(Value::Null);
+            let number = serde_json::Number::from_f64(number).map(Value::Number).unwrap_or(Value::Null);
             record.insert(field_name(measurement, name.as_str()), number);
         }
     }
-    out.into_iter()
-        .map(|r| r.map(|m| Value::Object(m).to_string()))
-        .collect()
+    out.into_iter().map(|r| r.map(|m| Value::Object(m).to_string())).collect()
 }
 
 #[cfg(test)]
@@ -111,8 +100,7 @@ mod tests {
 
     #[test]
     fn telegraf_cpu_and_mem_lines_become_one_record() {
-        let body =
-            "cpu,cpu=cpu-total,host=s17 usage_active=45.5,usage_idle=54.5 1700000000000000000\n\
+        let body = "cpu,cpu=cpu-total,host=s17 usage_active=45.5,usage_idle=54.5 1700000000000000000\n\
                     mem,host=s17 used_percent=60,available=123i 1700000000000000000\n";
         let records = to_records(body, Precision::Ns);
         assert_eq!(records.len(), 1);

@@ -67,45 +67,24 @@ impl GatewayMetrics {
         let rejections = Family::<ReasonLabels, Counter>::default();
         let produce_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let in_flight = Gauge::default();
-        registry.register(
-            "requests",
-            "HTTP requests by route and status",
-            requests.clone(),
-        );
+        registry.register("requests", "HTTP requests by route and status", requests.clone());
         registry.register(
             "records",
             "Records by outcome (accepted, rejected, rate_limited, not_acknowledged)",
             records.clone(),
         );
-        registry.register(
-            "rejections",
-            "Rejected records by reason",
-            rejections.clone(),
-        );
+        registry.register("rejections", "Rejected records by reason", rejections.clone());
         registry.register(
             "produce_latency_seconds",
             "Time from validation to Kafka's acknowledgement, per request",
             produce_latency.clone(),
         );
-        registry.register(
-            "in_flight_records",
-            "Records produced and not yet acknowledged",
-            in_flight.clone(),
-        );
-        GatewayMetrics {
-            registry,
-            requests,
-            records,
-            rejections,
-            produce_latency,
-            in_flight,
-        }
+        registry.register("in_flight_records", "Records produced and not yet acknowledged", in_flight.clone());
+        GatewayMetrics { registry, requests, records, rejections, produce_latency, in_flight }
     }
 
     fn count(&self, outcome: &'static str, n: usize) {
-        self.records
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc_by(n as u64);
+        self.records.get_or_create(&OutcomeLabels { outcome }).inc_by(n as u64);
     }
 }
 
@@ -122,21 +101,15 @@ struct Gateway {
 
 /// Runs the gateway until SIGINT/SIGTERM, then stops accepting, flushes the producer and returns.
 pub async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
-    let mut config =
-        crate::kafka::client_config(&args.kafka, crate::kafka::producer::PRODUCER_DEFAULTS);
+    let mut config = crate::kafka::client_config(&args.kafka, crate::kafka::producer::PRODUCER_DEFAULTS);
     config
         .set("linger.ms", args.linger_ms.to_string())
         .set("batch.num.messages", args.batch_records.to_string())
-        .set(
-            "message.timeout.ms",
-            args.produce_timeout.as_millis().to_string(),
-        );
+        .set("message.timeout.ms", args.produce_timeout.as_millis().to_string());
     for (k, v) in &args.kafka.kafka_options {
         config.set(k, v);
     }
-    let producer: FutureProducer = config
-        .create()
-        .context("cannot create the Kafka producer")?;
+    let producer: FutureProducer = config.create().context("cannot create the Kafka producer")?;
     // Fail at start, in one line, when the broker or the topic is not there.
     let kafka = args.kafka.clone();
     tokio::task::spawn_blocking(move || crate::kafka::admin::partition_count(&kafka)).await??;
@@ -149,11 +122,7 @@ pub async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
     let gateway = Arc::new(Gateway {
         producer,
         topic: args.kafka.topic.clone(),
-        limits: Limits {
-            max_bytes: args.max_record_bytes,
-            max_age: args.max_age,
-            max_future: args.max_future,
-        },
+        limits: Limits { max_bytes: args.max_record_bytes, max_age: args.max_age, max_future: args.max_future },
         rate,
         in_flight: Arc::new(Semaphore::new(args.max_in_flight)),
         max_in_flight: args.max_in_flight,
@@ -172,9 +141,7 @@ pub async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, topic = %args.kafka.topic, "gateway listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
 
     tracing::info!("gateway stopping: flushing the producer");
     let producer = gateway.producer.clone();
@@ -185,8 +152,7 @@ pub async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -197,13 +163,7 @@ async fn shutdown_signal() {
 async fn post_json(State(gw): State<Arc<Gateway>>, body: Bytes) -> Response {
     let candidates = split_json_body(&body);
     let response = gw.ingest(candidates).await;
-    gw.metrics
-        .requests
-        .get_or_create(&RouteLabels {
-            route: "/v1/metrics",
-            status: response.status().as_u16(),
-        })
-        .inc();
+    gw.metrics.requests.get_or_create(&RouteLabels { route: "/v1/metrics", status: response.status().as_u16() }).inc();
     response
 }
 
@@ -222,22 +182,13 @@ async fn post_line_protocol(
     let response = match std::str::from_utf8(&body) {
         Ok(text) => {
             let records = line_protocol::to_records(text, params.precision);
-            gw.ingest(
-                records
-                    .into_iter()
-                    .map(|r| r.map(String::into_bytes).map(Bytes::from))
-                    .collect(),
-            )
-            .await
+            gw.ingest(records.into_iter().map(|r| r.map(String::into_bytes).map(Bytes::from)).collect()).await
         }
         Err(_) => (StatusCode::BAD_REQUEST, "body is not valid UTF-8").into_response(),
     };
     gw.metrics
         .requests
-        .get_or_create(&RouteLabels {
-            route: "/api/v2/write",
-            status: response.status().as_u16(),
-        })
+        .get_or_create(&RouteLabels { route: "/api/v2/write", status: response.status().as_u16() })
         .inc();
     response
 }
@@ -247,10 +198,7 @@ pub fn split_json_body(body: &Bytes) -> Vec<Result<Bytes, String>> {
     let text = body.trim_ascii();
     if text.first() == Some(&b'[') {
         return match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(text) {
-            Ok(items) => items
-                .iter()
-                .map(|raw| Ok(Bytes::copy_from_slice(raw.get().as_bytes())))
-                .collect(),
+            Ok(items) => items.iter().map(|raw| Ok(Bytes::copy_from_slice(raw.get().as_bytes()))).collect(),
             Err(e) => vec![Err(format!("malformed JSON array: {e}"))],
         };
     }
@@ -277,12 +225,7 @@ impl Gateway {
             let raw = match candidate {
                 Ok(raw) => raw,
                 Err(reason) => {
-                    self.metrics
-                        .rejections
-                        .get_or_create(&ReasonLabels {
-                            reason: "malformed_json",
-                        })
-                        .inc();
+                    self.metrics.rejections.get_or_create(&ReasonLabels { reason: "malformed_json" }).inc();
                     rejected.push(json!({"index": index, "reason": reason}));
                     continue;
                 }
@@ -291,17 +234,11 @@ impl Gateway {
                 Ok(metric) => {
                     if let Some(limiter) = &self.rate {
                         if let Err(wait) = limiter.check_key(&metric.server_id) {
-                            let wait = wait.wait_time_from(governor::clock::Clock::now(
-                                &governor::clock::DefaultClock::default(),
-                            ));
+                            let wait = wait
+                                .wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
                             retry_after = retry_after.max(wait);
                             rate_limited += 1;
-                            self.metrics
-                                .rejections
-                                .get_or_create(&ReasonLabels {
-                                    reason: "rate_limited",
-                                })
-                                .inc();
+                            self.metrics.rejections.get_or_create(&ReasonLabels { reason: "rate_limited" }).inc();
                             rejected.push(json!({"index": index, "reason": format!("rate limit exceeded for serverId {:?}", metric.server_id)}));
                             continue;
                         }
@@ -309,55 +246,36 @@ impl Gateway {
                     valid.push((metric.server_id, raw));
                 }
                 Err(e) => {
-                    self.metrics
-                        .rejections
-                        .get_or_create(&ReasonLabels { reason: e.kind() })
-                        .inc();
+                    self.metrics.rejections.get_or_create(&ReasonLabels { reason: e.kind() }).inc();
                     rejected.push(json!({"index": index, "reason": e.to_string()}));
                 }
             }
         }
-        self.metrics
-            .count("rejected", rejected.len() - rate_limited);
+        self.metrics.count("rejected", rejected.len() - rate_limited);
         self.metrics.count("rate_limited", rate_limited);
 
         // Bounded memory: refuse rather than queue without limit when Kafka is slow.
-        let permits = match self
-            .in_flight
-            .clone()
-            .try_acquire_many_owned(valid.len() as u32)
-        {
+        let permits = match self.in_flight.clone().try_acquire_many_owned(valid.len() as u32) {
             Ok(p) => p,
             Err(_) => {
                 self.metrics.count("overloaded", valid.len());
                 let body = json!({"accepted": 0, "error": format!("overloaded: more than {} records waiting for Kafka; retry later", self.max_in_flight)});
-                return with_retry_after(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    body,
-                    Duration::from_secs(1),
-                );
+                return with_retry_after(StatusCode::SERVICE_UNAVAILABLE, body, Duration::from_secs(1));
             }
         };
         self.metrics.in_flight.inc_by(valid.len() as i64);
         let started = Instant::now();
         let sends = valid.iter().map(|(key, payload)| {
-            let record = FutureRecord::to(&self.topic)
-                .key(key.as_str())
-                .payload(payload.as_ref());
+            let record = FutureRecord::to(&self.topic).key(key.as_str()).payload(payload.as_ref());
             self.producer.send(record, self.produce_timeout)
         });
         let results = futures_util::future::join_all(sends).await;
         self.metrics.in_flight.dec_by(valid.len() as i64);
         drop(permits);
         if !valid.is_empty() {
-            self.metrics
-                .produce_latency
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.produce_latency.observe(started.elapsed().as_secs_f64());
         }
-        let failed: Vec<String> = results
-            .iter()
-            .filter_map(|r| r.as_ref().err().map(|(e, _)| e.to_string()))
-            .collect();
+        let failed: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|(e, _)| e.to_string())).collect();
         let accepted = valid.len() - failed.len();
         self.metrics.count("accepted", accepted);
         self.metrics.count("not_acknowledged", failed.len());
@@ -370,11 +288,7 @@ impl Gateway {
                 failed.len(),
                 failed[0]
             ));
-            return with_retry_after(
-                StatusCode::SERVICE_UNAVAILABLE,
-                body,
-                Duration::from_secs(1),
-            );
+            return with_retry_after(StatusCode::SERVICE_UNAVAILABLE, body, Duration::from_secs(1));
         }
         if rate_limited > 0 {
             return with_retry_after(StatusCode::TOO_MANY_REQUESTS, body, retry_after);
@@ -390,9 +304,7 @@ impl Gateway {
 fn with_retry_after(status: StatusCode, body: serde_json::Value, wait: Duration) -> Response {
     let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
     let mut response = (status, axum::Json(body)).into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     response
 }
 
@@ -404,22 +316,14 @@ async fn healthz(State(gw): State<Arc<Gateway>>) -> Response {
         producer
             .client()
             .fetch_metadata(Some(&topic), Duration::from_secs(2))
-            .is_ok_and(|m| {
-                m.topics()
-                    .iter()
-                    .any(|t| t.name() == topic && t.error().is_none())
-            })
+            .is_ok_and(|m| m.topics().iter().any(|t| t.name() == topic && t.error().is_none()))
     })
     .await
     .unwrap_or(false);
     if ok {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker unreachable or topic missing\n",
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable or topic missing\n").into_response()
     }
 }
 
@@ -429,14 +333,7 @@ async fn prometheus(State(gw): State<Arc<Gateway>>) -> Response {
     if prometheus_client::encoding::text::encode(&mut text, &gw.metrics.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
 }
 
 #[cfg(test)]
@@ -447,24 +344,14 @@ mod tests {
     fn bodies_split_into_records() {
         let one = split_json_body(&Bytes::from_static(b" {\"serverId\":\"a\",\n \"cpu\":1}\n"));
         assert_eq!(one.len(), 1);
-        let array = split_json_body(&Bytes::from_static(
-            br#"[{"serverId":"a"}, {"serverId":"b"}, 3]"#,
-        ));
+        let array = split_json_body(&Bytes::from_static(br#"[{"serverId":"a"}, {"serverId":"b"}, 3]"#));
         assert_eq!(
-            array
-                .iter()
-                .map(|r| r.as_ref().unwrap().as_ref())
-                .collect::<Vec<_>>(),
+            array.iter().map(|r| r.as_ref().unwrap().as_ref()).collect::<Vec<_>>(),
             vec![&br#"{"serverId":"a"}"#[..], br#"{"serverId":"b"}"#, b"3"]
         );
-        let ndjson = split_json_body(&Bytes::from_static(
-            b"{\"serverId\":\"a\"}\n\n{\"serverId\":\"b\"}\r\n{bad\n",
-        ));
+        let ndjson = split_json_body(&Bytes::from_static(b"{\"serverId\":\"a\"}\n\n{\"serverId\":\"b\"}\r\n{bad\n"));
         assert_eq!(ndjson.len(), 3);
         assert_eq!(ndjson[2].as_ref().unwrap().as_ref(), b"{bad");
-        assert!(split_json_body(&Bytes::from_static(b"[1,"))
-            .pop()
-            .unwrap()
-            .is_err());
+        assert!(split_json_body(&Bytes::from_static(b"[1,")).pop().unwrap().is_err());
     }
 }

@@ -16,52 +16,29 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// or the topic does not exist.
 pub fn partition_count(kafka: &KafkaArgs) -> Result<i32, KafkaError> {
     let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
-    let unreachable = |source| KafkaError::Unreachable {
-        brokers: kafka.brokers.clone(),
-        source,
-    };
-    let metadata = consumer
-        .fetch_metadata(Some(&kafka.topic), METADATA_TIMEOUT)
-        .map_err(unreachable)?;
+    let unreachable = |source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source };
+    let metadata = consumer.fetch_metadata(Some(&kafka.topic), METADATA_TIMEOUT).map_err(unreachable)?;
     match metadata.topics().iter().find(|t| t.name() == kafka.topic) {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-            Ok(t.partitions().len() as i32)
-        }
-        _ => Err(KafkaError::UnknownTopic {
-            topic: kafka.topic.clone(),
-            brokers: kafka.brokers.clone(),
-        }),
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
+        _ => Err(KafkaError::UnknownTopic { topic: kafka.topic.clone(), brokers: kafka.brokers.clone() }),
     }
 }
 
 /// Creates the topic; an existing topic with the same partition count is fine.
-pub async fn create_topic(
-    kafka: &KafkaArgs,
-    partitions: i32,
-    replication: i32,
-) -> Result<(), KafkaError> {
+pub async fn create_topic(kafka: &KafkaArgs, partitions: i32, replication: i32) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[]).create()?;
-    let topic = NewTopic::new(
-        &kafka.topic,
-        partitions,
-        TopicReplication::Fixed(replication),
-    );
+    let topic = NewTopic::new(&kafka.topic, partitions, TopicReplication::Fixed(replication));
     let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
     let results = admin
         .create_topics([&topic], &options)
         .await
-        .map_err(|source| KafkaError::Unreachable {
-            brokers: kafka.brokers.clone(),
-            source,
-        })?;
+        .map_err(|source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source })?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(KafkaError::Client(rdkafka::error::KafkaError::AdminOp(
-                    code,
-                )))
-                .inspect_err(|_| tracing::error!(topic = %name, ?code, "topic creation failed"))
+                return Err(KafkaError::Client(rdkafka::error::KafkaError::AdminOp(code)))
+                    .inspect_err(|_| tracing::error!(topic = %name, ?code, "topic creation failed"))
             }
         }
     }
@@ -77,9 +54,6 @@ pub fn end_offset(kafka: &KafkaArgs, partition: i32) -> Result<i64, KafkaError> 
     let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
     let (_, high) = consumer
         .fetch_watermarks(&kafka.topic, partition, METADATA_TIMEOUT)
-        .map_err(|source| KafkaError::Unreachable {
-            brokers: kafka.brokers.clone(),
-            source,
-        })?;
+        .map_err(|source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source })?;
     Ok(high)
 }

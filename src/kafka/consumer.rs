@@ -17,11 +17,8 @@ use crate::cli::KafkaArgs;
 
 /// Throughput settings of the job's consumers (the user's `-X` options still win):
 /// librdkafka's defaults leave throughput on the table (infrastructure.md).
-pub const CONSUMER_TUNING: &[(&str, &str)] = &[
-    ("queued.min.messages", "200000"),
-    ("fetch.max.bytes", "52428800"),
-    ("max.partition.fetch.bytes", "10485760"),
-];
+pub const CONSUMER_TUNING: &[(&str, &str)] =
+    &[("queued.min.messages", "200000"), ("fetch.max.bytes", "52428800"), ("max.partition.fetch.bytes", "10485760")];
 
 /// Where a partition starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,11 +48,7 @@ pub struct PartitionReader {
 
 impl PartitionReader {
     /// Opens a consumer assigned to `starts` (partition, where to begin).
-    pub fn open(
-        kafka: &KafkaArgs,
-        group: &str,
-        starts: &[(i32, StartOffset)],
-    ) -> Result<Self, KafkaError> {
+    pub fn open(kafka: &KafkaArgs, group: &str, starts: &[(i32, StartOffset)]) -> Result<Self, KafkaError> {
         let mut settings: Vec<(&str, &str)> = vec![
             ("group.id", group),
             ("enable.auto.commit", "false"),
@@ -78,12 +71,7 @@ impl PartitionReader {
         }
         consumer.assign(&assignment)?;
         let partitions: Vec<i32> = starts.iter().map(|(p, _)| *p).collect();
-        Ok(PartitionReader {
-            consumer,
-            topic: kafka.topic.clone(),
-            at_end: vec![false; partitions.len()],
-            partitions,
-        })
+        Ok(PartitionReader { consumer, topic: kafka.topic.clone(), at_end: vec![false; partitions.len()], partitions })
     }
 
     /// The partitions this reader owns.
@@ -100,11 +88,7 @@ impl PartitionReader {
             None => Polled::Nothing,
             Some(Ok(message)) => {
                 use rdkafka::Message;
-                if let Some(i) = self
-                    .partitions
-                    .iter()
-                    .position(|p| *p == message.partition())
-                {
+                if let Some(i) = self.partitions.iter().position(|p| *p == message.partition()) {
                     self.at_end[i] = false;
                 }
                 Polled::Message(message)
@@ -125,23 +109,19 @@ impl PartitionReader {
     }
 
     /// Messages between `next_offsets` and each partition's end (asks the broker).
-    pub fn lag(&self, next_offsets: &[(i32, i64)]) -> Option<i64> {
-        let mut total = 0;
-        for (partition, next) in next_offsets {
-            let (_, high) = self
-                .consumer
-                .fetch_watermarks(&self.topic, *partition, Duration::from_secs(1))
-                .ok()?;
-            total += (high - next).max(0);
-        }
-        Some(total)
+    pub fn lag(&self, next_offsets: &[(i32, i64)]) -> Option<Vec<(i32, i64)>> {
+        next_offsets
+            .iter()
+            .map(|(partition, next)| {
+                let (_, high) = self.consumer.fetch_watermarks(&self.topic, *partition, Duration::from_secs(1)).ok()?;
+                Some((*partition, (high - next).max(0)))
+            })
+            .collect()
     }
 
     /// The high watermark (offset of the next message to be produced) of a partition.
     pub fn end_offset(&self, partition: i32) -> Result<i64, RdError> {
-        self.consumer
-            .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
-            .map(|(_, high)| high)
+        self.consumer.fetch_watermarks(&self.topic, partition, Duration::from_secs(10)).map(|(_, high)| high)
     }
 
     /// Mirrors durable offsets (next offset to read) to the consumer group, for lag tools.
@@ -149,10 +129,7 @@ impl PartitionReader {
     pub fn commit_to_group(&self, offsets: &[(i32, i64)]) {
         let mut list = TopicPartitionList::new();
         for (partition, next) in offsets {
-            if list
-                .add_partition_offset(&self.topic, *partition, Offset::Offset(*next))
-                .is_err()
-            {
+            if list.add_partition_offset(&self.topic, *partition, Offset::Offset(*next)).is_err() {
                 return;
             }
         }

@@ -13,10 +13,7 @@ use crate::cli::KafkaArgs;
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
     #[error("cannot reach Kafka at {brokers}: {source}")]
-    Unreachable {
-        brokers: String,
-        source: rdkafka::error::KafkaError,
-    },
+    Unreachable { brokers: String, source: rdkafka::error::KafkaError },
     #[error("topic {topic:?} does not exist on {brokers} (create it: fleetflow topic create --topic {topic} --partitions 4)")]
     UnknownTopic { topic: String, brokers: String },
     #[error("Kafka client error: {0}")]

@@ -15,10 +15,7 @@ pub enum SinkError {
     #[error("invalid database URL: {0}")]
     BadUrl(String),
     #[error("cannot reach the database at {target}: {source}")]
-    Unreachable {
-        target: String,
-        source: tokio_postgres::Error,
-    },
+    Unreachable { target: String, source: tokio_postgres::Error },
     #[error("the database at {0} has no timescaledb extension available; install TimescaleDB (scripts/timescaledb.sh up gives a local one)")]
     NoTimescale(String),
     #[error("the timescaledb extension could not be enabled at {target}: {message}")]
@@ -53,11 +50,7 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
         None => true, // I/O and protocol errors
         Some(code) => {
             let c = code.code();
-            c.starts_with("08")
-                || c.starts_with("57P")
-                || c == "40001"
-                || c == "40P01"
-                || c == "53300"
+            c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01" || c == "53300"
         }
     }
 }
@@ -84,23 +77,18 @@ pub fn describe_target(url: &str) -> String {
 
 /// Connects, spawning the connection task on the current runtime.
 pub async fn connect(url: &str) -> Result<Client, SinkError> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| SinkError::BadUrl(e.to_string()))?;
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|e: tokio_postgres::Error| SinkError::BadUrl(e.to_string()))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
     config.application_name("fleetflow");
     // Notices (IF NOT EXISTS, ...) would otherwise be logged on every start.
     config.options("-c client_min_messages=warning");
-    let (client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| SinkError::Unreachable {
-                target: describe_target(url),
-                source,
-            })?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| SinkError::Unreachable { target: describe_target(url), source })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection closed");

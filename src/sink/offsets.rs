@@ -9,24 +9,16 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use super::{backoff, connect, SinkError};
+use crate::stats::Stats;
 
 /// The next offset to read per partition, as committed by earlier runs.
 pub async fn load_offsets(client: &Client, topic: &str) -> Result<HashMap<i32, i64>, SinkError> {
-    let rows = client
-        .query(
-            "SELECT partition, next_offset FROM fleetflow_offsets WHERE topic = $1",
-            &[&topic],
-        )
-        .await?;
+    let rows = client.query("SELECT partition, next_offset FROM fleetflow_offsets WHERE topic = $1", &[&topic]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Records that everything before `next_offset` is durable. Offsets never move backwards.
-pub async fn store_offsets(
-    client: &Client,
-    topic: &str,
-    offsets: &[(i32, i64)],
-) -> Result<(), SinkError> {
+pub async fn store_offsets(client: &Client, topic: &str, offsets: &[(i32, i64)]) -> Result<(), SinkError> {
     let partitions: Vec<i32> = offsets.iter().map(|o| o.0).collect();
     let nexts: Vec<i64> = offsets.iter().map(|o| o.1).collect();
     client
@@ -43,11 +35,7 @@ pub async fn store_offsets(
 }
 
 /// Inserts a starting offset only where none is committed yet (pins `--start latest`).
-pub async fn pin_start_offsets(
-    client: &Client,
-    topic: &str,
-    offsets: &[(i32, i64)],
-) -> Result<(), SinkError> {
+pub async fn pin_start_offsets(client: &Client, topic: &str, offsets: &[(i32, i64)]) -> Result<(), SinkError> {
     let partitions: Vec<i32> = offsets.iter().map(|o| o.0).collect();
     let nexts: Vec<i64> = offsets.iter().map(|o| o.1).collect();
     client
@@ -75,10 +63,7 @@ pub async fn load_watermarks(
             &[&topic, &groups],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| ((r.get::<_, i32>(0) as u16, r.get(1)), r.get(2)))
-        .collect())
+    Ok(rows.iter().map(|r| ((r.get::<_, i32>(0) as u16, r.get(1)), r.get(2))).collect())
 }
 
 /// A background task that stores offsets in order, retrying through database outages.
@@ -90,7 +75,7 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn spawn(runtime: &tokio::runtime::Handle, url: String, topic: String) -> Self {
+    pub fn spawn(runtime: &tokio::runtime::Handle, url: String, topic: String, stats: Arc<Stats>) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(i32, i64)>>();
         let done = Arc::new(AtomicU64::new(0));
         let counter = done.clone();
@@ -105,7 +90,10 @@ impl Committer {
                     if let Some(c) = &client {
                         match store_offsets(c, &topic, &offsets).await {
                             Ok(()) => break,
-                            Err(e) => tracing::warn!(error = %e, attempt, "committing offsets failed; retrying"),
+                            Err(e) => {
+                                Stats::add(&stats.database_errors, 1);
+                                tracing::warn!(error = %e, attempt, "committing offsets failed; retrying")
+                            }
                         }
                         client = None;
                     } else {
@@ -114,6 +102,7 @@ impl Committer {
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
                 }
+                Stats::add(&stats.offset_commits, 1);
                 counter.fetch_add(1, Ordering::Release);
             }
         });

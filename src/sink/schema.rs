@@ -74,27 +74,18 @@ pub fn latest_version() -> i32 {
 
 /// Enables timescaledb and applies every pending migration. Returns the schema version.
 pub async fn migrate(client: &mut Client, url: &str) -> Result<i32, SinkError> {
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
     let result = migrate_locked(client, url).await;
     // A failed unlock only matters if the connection lives on; it is dropped on error anyway.
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-        .await;
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
     result
 }
 
 async fn migrate_locked(client: &mut Client, url: &str) -> Result<i32, SinkError> {
     ensure_timescaledb(client, url).await?;
     // Checked first rather than IF NOT EXISTS, which logs a notice on every start.
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('fleetflow_schema_version') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
+    let exists: bool =
+        client.query_one("SELECT to_regclass('fleetflow_schema_version') IS NOT NULL", &[]).await?.get(0);
     if !exists {
         client
             .batch_execute(
@@ -105,28 +96,17 @@ async fn migrate_locked(client: &mut Client, url: &str) -> Result<i32, SinkError
             )
             .await?;
     }
-    let row = client
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM fleetflow_schema_version",
-            &[],
-        )
-        .await?;
+    let row = client.query_one("SELECT coalesce(max(version), 0) FROM fleetflow_schema_version", &[]).await?;
     let mut current: i32 = row.get(0);
     if current > latest_version() {
-        return Err(SinkError::SchemaTooNew {
-            found: current,
-            known: latest_version(),
-        });
+        return Err(SinkError::SchemaTooNew { found: current, known: latest_version() });
     }
     let pending: Vec<_> = MIGRATIONS.iter().filter(|m| m.0 > current).collect();
     for (version, summary, sql) in pending {
         let tx = client.transaction().await?;
         tx.batch_execute(sql).await?;
-        tx.execute(
-            "INSERT INTO fleetflow_schema_version (version, summary) VALUES ($1, $2)",
-            &[version, summary],
-        )
-        .await?;
+        tx.execute("INSERT INTO fleetflow_schema_version (version, summary) VALUES ($1, $2)", &[version, summary])
+            .await?;
         tx.commit().await?;
         tracing::info!(version, summary, "applied schema migration");
         current = *version;
@@ -141,59 +121,35 @@ const NATURAL_KEY_INDEX: &str = "metrics_natural_key";
 /// left by an earlier `--dedup natural-key` run keeps that mode on, since a plain COPY of a
 /// duplicate would now fail).
 pub async fn natural_key_index(client: &Client, create: bool) -> Result<bool, SinkError> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&NATURAL_KEY_INDEX])
-        .await?
-        .get(0);
+    let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&NATURAL_KEY_INDEX]).await?.get(0);
     if exists || !create {
         return Ok(exists);
     }
-    tracing::info!(
-        "creating the unique index on metrics (server_id, time) for --dedup natural-key"
-    );
+    tracing::info!("creating the unique index on metrics (server_id, time) for --dedup natural-key");
     client
-        .batch_execute(&format!(
-            "CREATE UNIQUE INDEX IF NOT EXISTS {NATURAL_KEY_INDEX} ON metrics (server_id, time)"
-        ))
+        .batch_execute(&format!("CREATE UNIQUE INDEX IF NOT EXISTS {NATURAL_KEY_INDEX} ON metrics (server_id, time)"))
         .await
         .map_err(|e| {
-            SinkError::NaturalKey(
-                e.as_db_error()
-                    .map(|d| d.message().to_owned())
-                    .unwrap_or_else(|| e.to_string()),
-            )
+            SinkError::NaturalKey(e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()))
         })?;
     Ok(true)
 }
 
 async fn ensure_timescaledb(client: &Client, url: &str) -> Result<(), SinkError> {
-    let installed = client
-        .query_opt(
-            "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'",
-            &[],
-        )
-        .await?;
+    let installed = client.query_opt("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'", &[]).await?;
     if installed.is_some() {
         return Ok(());
     }
-    let available = client
-        .query_opt(
-            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'",
-            &[],
-        )
-        .await?;
+    let available =
+        client.query_opt("SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'", &[]).await?;
     if available.is_none() {
         return Err(SinkError::NoTimescale(describe_target(url)));
     }
-    client
-        .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        .await
-        .map_err(|e| SinkError::TimescaleUnusable {
+    client.batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb").await.map_err(|e| {
+        SinkError::TimescaleUnusable {
             target: describe_target(url),
-            message: e
-                .as_db_error()
-                .map(|d| d.message().to_owned())
-                .unwrap_or_else(|| e.to_string()),
-        })?;
+            message: e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()),
+        }
+    })?;
     Ok(())
 }

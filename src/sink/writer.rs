@@ -34,19 +34,11 @@ const COPY_STAGING: &str =
     "COPY fleetflow_staging (time, server_id, cpu, ram, extra, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";
 /// Per connection, for `--dedup natural-key`: rows go here first, then into metrics
 /// unless their (server_id, time) is already there.
-const CREATE_STAGING: &str =
-    "CREATE TEMP TABLE fleetflow_staging (LIKE metrics) ON COMMIT DELETE ROWS";
+const CREATE_STAGING: &str = "CREATE TEMP TABLE fleetflow_staging (LIKE metrics) ON COMMIT DELETE ROWS";
 const INSERT_FROM_STAGING: &str =
     "INSERT INTO metrics SELECT * FROM fleetflow_staging ON CONFLICT (server_id, time) DO NOTHING";
-const COPY_TYPES: [Type; 7] = [
-    Type::TIMESTAMPTZ,
-    Type::TEXT,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::JSONB,
-    Type::INT4,
-    Type::INT8,
-];
+const COPY_TYPES: [Type; 7] =
+    [Type::TIMESTAMPTZ, Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::JSONB, Type::INT4, Type::INT8];
 
 /// What a writer needs to know.
 #[derive(Clone, Debug)]
@@ -85,12 +77,7 @@ pub fn spawn_writer(
 ) -> mpsc::UnboundedSender<EpochWrite> {
     let (tx, mut rx) = mpsc::unbounded_channel::<EpochWrite>();
     runtime.spawn(async move {
-        let mut writer = Writer {
-            settings,
-            stats,
-            client: None,
-            watermarks: HashMap::new(),
-        };
+        let mut writer = Writer { settings, stats, client: None, watermarks: HashMap::new() };
         while let Some(first) = rx.recv().await {
             // Epochs that queued up while the last transaction ran go into one transaction.
             let mut group = vec![first];
@@ -139,11 +126,7 @@ impl Writer {
             match self.try_write(group).await {
                 Ok(()) => {
                     if attempt > 0 {
-                        tracing::info!(
-                            worker = self.settings.worker,
-                            attempt,
-                            "database is back; write committed"
-                        );
+                        tracing::info!(worker = self.settings.worker, attempt, "database is back; write committed");
                         self.stats.database_waiting.store(false, Ordering::Relaxed);
                     }
                     return;
@@ -168,8 +151,7 @@ impl Writer {
     async fn try_write(&mut self, group: &[EpochWrite]) -> Result<(), SinkError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             let client = connect(&self.settings.database_url).await?;
-            let owned =
-                crate::partitioning::owned_key_groups(self.settings.worker, self.settings.workers);
+            let owned = crate::partitioning::owned_key_groups(self.settings.worker, self.settings.workers);
             self.watermarks = load_watermarks(&client, &self.settings.topic, &owned).await?;
             if self.settings.natural_key {
                 client.batch_execute(CREATE_STAGING).await?;
@@ -177,13 +159,10 @@ impl Writer {
             self.client = Some(client);
         }
         let plan = plan(group, &self.watermarks);
+        let started = std::time::Instant::now();
         let client = self.client.as_mut().expect("connected above");
         let tx = client.transaction().await?;
-        let copy = if self.settings.natural_key {
-            COPY_STAGING
-        } else {
-            COPY_METRICS
-        };
+        let copy = if self.settings.natural_key { COPY_STAGING } else { COPY_METRICS };
         for batch in &plan.batches {
             copy_batch(&tx, copy, batch).await?;
         }
@@ -198,13 +177,11 @@ impl Writer {
         }
         tx.commit().await?;
 
+        self.stats.copy_seconds.observe(started.elapsed().as_secs_f64());
         self.watermarks.extend(plan.watermarks);
         Stats::add(&self.stats.rows_written, rows);
         Stats::add(&self.stats.natural_key_duplicates, plan.rows - rows);
-        Stats::add(
-            &self.stats.dead_letters_written,
-            plan.dead_letters.len() as u64,
-        );
+        Stats::add(&self.stats.dead_letters_written, plan.dead_letters.len() as u64);
         Stats::add(&self.stats.replayed_skipped, plan.skipped);
         Stats::add(&self.stats.transactions, 1);
         self.stats.mark_write();
@@ -220,12 +197,7 @@ fn plan<'a>(group: &'a [EpochWrite], watermarks: &HashMap<(u16, i32), i64>) -> P
         let mut rows = Vec::with_capacity(batch.len());
         for env in batch {
             let key = (env.key_group, env.partition);
-            let written = plan
-                .watermarks
-                .get(&key)
-                .or_else(|| watermarks.get(&key))
-                .copied()
-                .unwrap_or(-1);
+            let written = plan.watermarks.get(&key).or_else(|| watermarks.get(&key)).copied().unwrap_or(-1);
             if env.offset <= written {
                 plan.skipped += 1;
                 continue;
@@ -272,11 +244,7 @@ impl Serialize for ExtraFields<'_> {
     }
 }
 
-async fn copy_batch(
-    tx: &Transaction<'_>,
-    statement: &str,
-    batch: &[&Envelope],
-) -> Result<(), SinkError> {
+async fn copy_batch(tx: &Transaction<'_>, statement: &str, batch: &[&Envelope]) -> Result<(), SinkError> {
     let sink = tx.copy_in(statement).await?;
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     pin_mut!(writer);
@@ -284,26 +252,14 @@ async fn copy_batch(
         let Item::Metric(m) = &env.item else { continue };
         let time = chrono::DateTime::from_timestamp_micros(m.time_us).unwrap_or_default();
         let extra = (!m.extra.is_empty()).then(|| Json(ExtraFields(&m.extra)));
-        let row: [&(dyn ToSql + Sync); 7] = [
-            &time,
-            &m.server_id,
-            &m.cpu,
-            &m.ram,
-            &extra,
-            &env.partition,
-            &env.offset,
-        ];
+        let row: [&(dyn ToSql + Sync); 7] = [&time, &m.server_id, &m.cpu, &m.ram, &extra, &env.partition, &env.offset];
         writer.as_mut().write(&row).await?;
     }
     writer.finish().await?;
     Ok(())
 }
 
-async fn insert_dead_letters(
-    tx: &Transaction<'_>,
-    topic: &str,
-    letters: &[&Envelope],
-) -> Result<(), SinkError> {
+async fn insert_dead_letters(tx: &Transaction<'_>, topic: &str, letters: &[&Envelope]) -> Result<(), SinkError> {
     if letters.is_empty() {
         return Ok(());
     }
@@ -317,23 +273,9 @@ async fn insert_dead_letters(
         let Item::DeadLetter(d) = &env.item else {
             continue;
         };
-        let time = d
-            .message_time_ms
-            .and_then(chrono::DateTime::from_timestamp_millis);
-        tx.execute(
-            &statement,
-            &[
-                &topic,
-                &env.partition,
-                &env.offset,
-                &d.key,
-                &d.raw,
-                &d.kind,
-                &d.reason,
-                &time,
-            ],
-        )
-        .await?;
+        let time = d.message_time_ms.and_then(chrono::DateTime::from_timestamp_millis);
+        tx.execute(&statement, &[&topic, &env.partition, &env.offset, &d.key, &d.raw, &d.kind, &d.reason, &time])
+            .await?;
     }
     Ok(())
 }
@@ -360,12 +302,7 @@ async fn raise_watermarks(
     Ok(())
 }
 
-async fn audit(
-    tx: &Transaction<'_>,
-    run: &str,
-    worker: usize,
-    batches: &[Vec<&Envelope>],
-) -> Result<(), SinkError> {
+async fn audit(tx: &Transaction<'_>, run: &str, worker: usize, batches: &[Vec<&Envelope>]) -> Result<(), SinkError> {
     let mut per_server: HashMap<&str, i32> = HashMap::new();
     for env in batches.iter().flatten() {
         if let Item::Metric(m) = &env.item {
@@ -389,35 +326,18 @@ mod tests {
     use crate::record::Metric;
 
     fn env(key_group: u16, partition: i32, offset: i64) -> Envelope {
-        let metric = Metric {
-            server_id: "s1".into(),
-            time_us: 0,
-            cpu: Some(1.0),
-            ram: None,
-            extra: vec![],
-        };
-        Envelope {
-            key_group,
-            partition,
-            offset,
-            item: Item::Metric(metric),
-        }
+        let metric = Metric { server_id: "s1".into(), time_us: 0, cpu: Some(1.0), ram: None, extra: vec![] };
+        Envelope { key_group, partition, offset, item: Item::Metric(metric) }
     }
 
     #[test]
     fn replayed_messages_at_or_below_their_watermark_are_dropped() {
-        let group = vec![EpochWrite {
-            epoch: 1,
-            batches: vec![vec![env(1, 0, 5), env(1, 0, 6), env(2, 0, 5), env(1, 1, 3)]],
-        }];
+        let group =
+            vec![EpochWrite { epoch: 1, batches: vec![vec![env(1, 0, 5), env(1, 0, 6), env(2, 0, 5), env(1, 1, 3)]] }];
         let watermarks = HashMap::from([((1, 0), 5), ((1, 1), 7)]);
         let plan = plan(&group, &watermarks);
-        let kept: Vec<(u16, i32, i64)> = plan
-            .batches
-            .iter()
-            .flatten()
-            .map(|e| (e.key_group, e.partition, e.offset))
-            .collect();
+        let kept: Vec<(u16, i32, i64)> =
+            plan.batches.iter().flatten().map(|e| (e.key_group, e.partition, e.offset)).collect();
         assert_eq!(kept, vec![(1, 0, 6), (2, 0, 5)]);
         assert_eq!(plan.skipped, 2);
         assert_eq!(plan.watermarks, HashMap::from([((1, 0), 6), ((2, 0), 5)]));
@@ -426,14 +346,8 @@ mod tests {
     #[test]
     fn a_message_sent_twice_in_one_transaction_is_written_once() {
         let group = vec![
-            EpochWrite {
-                epoch: 1,
-                batches: vec![vec![env(3, 2, 10)]],
-            },
-            EpochWrite {
-                epoch: 2,
-                batches: vec![vec![env(3, 2, 10), env(3, 2, 11)]],
-            },
+            EpochWrite { epoch: 1, batches: vec![vec![env(3, 2, 10)]] },
+            EpochWrite { epoch: 2, batches: vec![vec![env(3, 2, 10), env(3, 2, 11)]] },
         ];
         let plan = plan(&group, &HashMap::new());
         assert_eq!(plan.rows, 2);

@@ -17,11 +17,7 @@ pub fn repo() -> PathBuf {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Runs one of the project's scripts and returns its trimmed stdout, panicking with its
@@ -44,10 +40,7 @@ pub fn script(name: &str, args: &[&str], env: &[(&str, String)]) -> String {
 
 /// A per-test directory for logs and broker state, kept after the test for inspection.
 pub fn test_dir(name: &str) -> PathBuf {
-    let dir = repo()
-        .join("target")
-        .join("test-runs")
-        .join(format!("{name}-{}", std::process::id()));
+    let dir = repo().join("target").join("test-runs").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -72,12 +65,8 @@ impl Broker {
     }
 
     fn launch(dir: &Path, sqlite: bool) -> Broker {
-        let mut broker = Broker {
-            child: None,
-            addr: format!("127.0.0.1:{}", free_port()),
-            dir: dir.to_owned(),
-            sqlite,
-        };
+        let mut broker =
+            Broker { child: None, addr: format!("127.0.0.1:{}", free_port()), dir: dir.to_owned(), sqlite };
         broker.restart();
         broker
     }
@@ -96,43 +85,21 @@ impl Broker {
         let binary = script("broker.sh", &["path"], &[]);
         let url = format!("tcp://{}", self.addr);
         // nisshi resolves sqlite paths relative to its working directory.
-        let storage = if self.sqlite {
-            "sqlite://broker.db"
-        } else {
-            "memory://nisshi/"
-        };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("broker.log"))
-            .unwrap();
+        let storage = if self.sqlite { "sqlite://broker.db" } else { "memory://nisshi/" };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("broker.log")).unwrap();
         let child = Command::new(&binary)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                storage,
-            ])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
             .current_dir(&self.dir)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start nisshi at {binary}: {e} (run scripts/broker.sh install)")
-            });
+            .unwrap_or_else(|e| panic!("cannot start nisshi at {binary}: {e} (run scripts/broker.sh install)"));
         self.child = Some(child);
         wait_for_port(&self.addr, Duration::from_secs(20));
     }
 
     pub fn kafka(&self, topic: &str) -> KafkaArgs {
-        KafkaArgs {
-            brokers: self.addr.clone(),
-            topic: topic.to_owned(),
-            kafka_options: vec![],
-        }
+        KafkaArgs { brokers: self.addr.clone(), topic: topic.to_owned(), kafka_options: vec![] }
     }
 }
 
@@ -152,13 +119,7 @@ pub struct PrivateServer {
 impl PrivateServer {
     pub fn start(dir: &Path) -> PrivateServer {
         let port = free_port().to_string();
-        let env = vec![
-            ("FLEETFLOW_PG_PORT", port),
-            (
-                "FLEETFLOW_PG_DATA",
-                dir.join("pgdata").display().to_string(),
-            ),
-        ];
+        let env = vec![("FLEETFLOW_PG_PORT", port), ("FLEETFLOW_PG_DATA", dir.join("pgdata").display().to_string())];
         script("timescaledb.sh", &["up"], &env);
         let url = script("timescaledb.sh", &["url"], &env);
         PrivateServer { env, url }
@@ -186,10 +147,7 @@ impl Drop for PrivateServer {
 pub fn wait_for_port(addr: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {addr} after {timeout:?}"
-        );
+        assert!(Instant::now() < deadline, "nothing listens on {addr} after {timeout:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -203,8 +161,8 @@ pub struct Database {
 impl Database {
     /// A fresh database on the shared test server.
     pub fn create(name: &str) -> Database {
-        let server = std::env::var("FLEETFLOW_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| script("timescaledb.sh", &["url"], &[]));
+        let server =
+            std::env::var("FLEETFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| script("timescaledb.sh", &["url"], &[]));
         Database::create_on(&server, name)
     }
 
@@ -212,17 +170,10 @@ impl Database {
     pub fn create_on(server: &str, name: &str) -> Database {
         let name = format!("ff_{}_{}", name, std::process::id());
         runtime().block_on(async {
-            let client = fleetflow::sink::connect(server)
-                .await
-                .expect("test database server (scripts/timescaledb.sh up)");
-            client
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await
-                .unwrap();
-            client
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await
-                .unwrap();
+            let client =
+                fleetflow::sink::connect(server).await.expect("test database server (scripts/timescaledb.sh up)");
+            client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
+            client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
         });
         let url = match server.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{name}"),
@@ -235,10 +186,7 @@ impl Database {
     pub fn execute(&self, sql: &str) {
         runtime().block_on(async {
             let client = fleetflow::sink::connect(&self.url).await.unwrap();
-            client
-                .batch_execute(sql)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
         })
     }
 
@@ -246,11 +194,7 @@ impl Database {
     pub fn scalar(&self, sql: &str) -> i64 {
         runtime().block_on(async {
             let client = fleetflow::sink::connect(&self.url).await.unwrap();
-            client
-                .query_one(sql, &[])
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
-                .get::<_, i64>(0)
+            client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get::<_, i64>(0)
         })
     }
 
@@ -258,10 +202,7 @@ impl Database {
     pub fn pairs(&self, sql: &str) -> Vec<(i32, i64)> {
         runtime().block_on(async {
             let client = fleetflow::sink::connect(&self.url).await.unwrap();
-            let rows = client
-                .query(sql, &[])
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let rows = client.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
             rows.iter().map(|r| (r.get(0), r.get(1))).collect()
         })
     }
@@ -279,10 +220,7 @@ impl Database {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// A broker with a 4-partition topic and a fresh database.
@@ -305,23 +243,9 @@ impl Stack {
     /// A stack from parts (a durable broker, a private database server, ...).
     pub fn with(dir: PathBuf, broker: Broker, db: Database, partitions: i32) -> Stack {
         let topic = "metrics".to_owned();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(fleetflow::kafka::admin::create_topic(
-            &broker.kafka(&topic),
-            partitions,
-            1,
-        ))
-        .unwrap();
-        Stack {
-            dir,
-            broker,
-            db,
-            topic,
-        }
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(fleetflow::kafka::admin::create_topic(&broker.kafka(&topic), partitions, 1)).unwrap();
+        Stack { dir, broker, db, topic }
     }
 
     /// Produces `count` records from `servers` simulated servers, all acknowledged.
@@ -341,23 +265,13 @@ impl Stack {
             connections: 1,
         };
         let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
-        assert_eq!(
-            (report.delivered, report.failed),
-            (count, 0),
-            "not every record was acknowledged"
-        );
+        assert_eq!((report.delivered, report.failed), (count, 0), "not every record was acknowledged");
     }
 
     /// The end offset of every partition, from the broker.
     pub fn end_offsets(&self, partitions: i32) -> Vec<(i32, i64)> {
         (0..partitions)
-            .map(|p| {
-                (
-                    p,
-                    fleetflow::kafka::admin::end_offset(&self.broker.kafka(&self.topic), p)
-                        .unwrap(),
-                )
-            })
+            .map(|p| (p, fleetflow::kafka::admin::end_offset(&self.broker.kafka(&self.topic), p).unwrap()))
             .collect()
     }
 
@@ -382,31 +296,15 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn start(
-        stack: &Stack,
-        label: &str,
-        processes: usize,
-        workers: usize,
-        extra: &[&str],
-    ) -> Job {
-        let hosts: Vec<String> = (0..processes)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect();
-        let mut job = Job {
-            children: vec![],
-            logs: vec![],
-        };
+    pub fn start(stack: &Stack, label: &str, processes: usize, workers: usize, extra: &[&str]) -> Job {
+        let hosts: Vec<String> = (0..processes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let mut job = Job { children: vec![], logs: vec![] };
         for p in 0..processes {
             let log_path = stack.dir.join(format!("{label}-p{p}.log"));
             let log = std::fs::File::create(&log_path).unwrap();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetflow"));
             cmd.args(stack.run_args())
-                .args([
-                    "--workers",
-                    &workers.to_string(),
-                    "--processes",
-                    &processes.to_string(),
-                ])
+                .args(["--workers", &workers.to_string(), "--processes", &processes.to_string()])
                 .args(["--process-id", &p.to_string()])
                 .args(extra)
                 .env("FLEETFLOW_LOG", "info")
@@ -445,18 +343,12 @@ impl Job {
     /// Waits and asserts every process exited 0.
     pub fn wait_success(&mut self, timeout: Duration) {
         let statuses = self.wait(timeout);
-        assert!(
-            statuses.iter().all(ExitStatus::success),
-            "job failed: {statuses:?}\n{}",
-            self.log_tail()
-        );
+        assert!(statuses.iter().all(ExitStatus::success), "job failed: {statuses:?}\n{}", self.log_tail());
     }
 
     pub fn signal(&self, signal: &str) {
         for child in &self.children {
-            let _ = Command::new("kill")
-                .args([&format!("-{signal}"), &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
         }
     }
 
@@ -474,21 +366,14 @@ impl Job {
             .map(|p| {
                 let text = std::fs::read_to_string(p).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();
-                format!(
-                    "== {} ==\n{}",
-                    p.display(),
-                    lines[lines.len().saturating_sub(30)..].join("\n")
-                )
+                format!("== {} ==\n{}", p.display(), lines[lines.len().saturating_sub(30)..].join("\n"))
             })
             .collect::<Vec<_>>()
             .join("\n")
     }
 
     pub fn log_text(&self) -> String {
-        self.logs
-            .iter()
-            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-            .collect()
+        self.logs.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
     }
 }
 
@@ -502,30 +387,19 @@ impl Drop for Job {
 /// twice, and the committed offsets at the end of every partition.
 pub fn assert_exactly_once(stack: &Stack, expected: i64, partitions: i32) {
     let db = &stack.db;
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM metrics"),
-        expected,
-        "row count"
-    );
+    assert_eq!(db.scalar("SELECT count(*) FROM metrics"), expected, "row count");
     assert_eq!(
         db.scalar("SELECT count(*) FROM (SELECT DISTINCT server_id, time FROM metrics) d"),
         expected,
         "duplicate (server_id, time)"
     );
     assert_eq!(
-        db.scalar(
-            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM metrics) d"
-        ),
+        db.scalar("SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM metrics) d"),
         expected,
         "duplicate (partition, offset)"
     );
-    let committed =
-        db.pairs("SELECT partition, next_offset FROM fleetflow_offsets ORDER BY partition");
-    assert_eq!(
-        committed,
-        stack.end_offsets(partitions),
-        "committed offsets are the partitions' end offsets"
-    );
+    let committed = db.pairs("SELECT partition, next_offset FROM fleetflow_offsets ORDER BY partition");
+    assert_eq!(committed, stack.end_offsets(partitions), "committed offsets are the partitions' end offsets");
 }
 
 impl Job {
@@ -559,13 +433,7 @@ impl Job {
 
 impl Stack {
     /// Produces `count` records in a background thread at `rate` records/s.
-    pub fn produce_in_background(
-        &self,
-        count: u64,
-        servers: u32,
-        seed: u64,
-        rate: f64,
-    ) -> std::thread::JoinHandle<()> {
+    pub fn produce_in_background(&self, count: u64, servers: u32, seed: u64, rate: f64) -> std::thread::JoinHandle<()> {
         let args = LoadgenArgs {
             kafka: self.broker.kafka(&self.topic),
             servers,
@@ -582,11 +450,7 @@ impl Stack {
         };
         std::thread::spawn(move || {
             let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
-            assert_eq!(
-                (report.delivered, report.failed),
-                (count, 0),
-                "not every record was acknowledged"
-            );
+            assert_eq!((report.delivered, report.failed), (count, 0), "not every record was acknowledged");
         })
     }
 
@@ -596,21 +460,14 @@ impl Stack {
         loop {
             for child in &mut job.children {
                 if let Some(status) = child.try_wait().unwrap() {
-                    panic!(
-                        "a job process exited ({status}) before {rows} rows were written\n{}",
-                        job.log_tail()
-                    );
+                    panic!("a job process exited ({status}) before {rows} rows were written\n{}", job.log_tail());
                 }
             }
             let n = self.db.metric_rows();
             if n >= rows {
                 return n;
             }
-            assert!(
-                Instant::now() < deadline,
-                "only {n} of {rows} rows after {timeout:?}\n{}",
-                job.log_tail()
-            );
+            assert!(Instant::now() < deadline, "only {n} of {rows} rows after {timeout:?}\n{}", job.log_tail());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -626,20 +483,10 @@ pub struct Gateway {
 impl Gateway {
     pub fn start(stack: &Stack, extra: &[&str]) -> Gateway {
         let addr = format!("127.0.0.1:{}", free_port());
-        let log = stack
-            .dir
-            .join(format!("gateway-{}.log", addr.replace(':', "_")));
+        let log = stack.dir.join(format!("gateway-{}.log", addr.replace(':', "_")));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_fleetflow"))
-            .args([
-                "gateway",
-                "--listen",
-                &addr,
-                "--brokers",
-                &stack.broker.addr,
-                "--topic",
-                &stack.topic,
-            ])
+            .args(["gateway", "--listen", &addr, "--brokers", &stack.broker.addr, "--topic", &stack.topic])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -647,11 +494,7 @@ impl Gateway {
             .spawn()
             .unwrap();
         wait_for_port(&addr, Duration::from_secs(20));
-        Gateway {
-            child,
-            url: format!("http://{addr}"),
-            log,
-        }
+        Gateway { child, url: format!("http://{addr}"), log }
     }
 
     pub fn log_text(&self) -> String {
@@ -668,9 +511,5 @@ impl Drop for Gateway {
 
 /// Messages in the topic: the sum of the partitions' end offsets.
 pub fn messages_in_topic(stack: &Stack, partitions: i32) -> i64 {
-    stack
-        .end_offsets(partitions)
-        .iter()
-        .map(|(_, end)| end)
-        .sum()
+    stack.end_offsets(partitions).iter().map(|(_, end)| end).sum()
 }
