@@ -70,6 +70,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         workers: peers,
         audit_run: args.audit.then(|| ctx.run_id.clone()),
         natural_key: ctx.natural_key,
+        rollups: args.rollups,
     };
     worker.dataflow::<u64, _, _>(|scope| {
         scope

@@ -39,6 +39,68 @@ pub enum Command {
     Check(RunArgs),
     /// Drop raw data older than a duration (TimescaleDB drop_chunks).
     Retention(RetentionArgs),
+    /// Ask the rollups: hottest servers, a server's series, the fleet, silent servers.
+    Query(QueryArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+    #[command(subcommand)]
+    pub command: QueryCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricName {
+    Cpu,
+    Ram,
+}
+
+impl MetricName {
+    /// The column prefix in the rollup tables.
+    pub fn column(self) -> &'static str {
+        match self {
+            MetricName::Cpu => "cpu",
+            MetricName::Ram => "ram",
+        }
+    }
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum QueryCommand {
+    /// Hottest servers by average over a window.
+    Top {
+        #[arg(long, value_enum, default_value_t = MetricName::Cpu)]
+        metric: MetricName,
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        window: Duration,
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
+    /// One server's per-minute series.
+    Server {
+        server_id: String,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        since: Duration,
+    },
+    /// Fleet-wide per-minute statistics.
+    Fleet {
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        since: Duration,
+    },
+    /// Servers that reported in the last hour but went quiet (run --silent-after), and since when.
+    Silent,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -235,6 +297,13 @@ pub struct RunArgs {
     /// twice). It adds a unique index on metrics (server_id, time) and costs ingest speed.
     #[arg(long, env = "FLEETFLOW_DEDUP", value_enum, default_value_t = Dedup::None)]
     pub dedup: Dedup,
+    /// Maintain the per-minute rollups (metrics_1m, fleet_1m, silent_servers) in the same
+    /// transactions as the raw rows. `--rollups false` writes raw rows only.
+    #[arg(long, env = "FLEETFLOW_ROLLUPS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rollups: bool,
+    /// A server that reported in the last hour but not for this long is listed in silent_servers.
+    #[arg(long, env = "FLEETFLOW_SILENT_AFTER", default_value = "30s", value_parser = parse_duration)]
+    pub silent_after: Duration,
     /// Serve Prometheus `/metrics` and `/healthz` on this address (e.g. 127.0.0.1:9898).
     #[arg(long, env = "FLEETFLOW_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,

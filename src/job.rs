@@ -29,6 +29,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let mut client = crate::sink::connect(&url).await?;
         let version = crate::sink::schema::migrate(&mut client, &url).await?;
         let natural_key = crate::sink::schema::natural_key_index(&client, want_natural_key).await?;
+        crate::sink::rollups::set_silent_after(&client, args.silent_after).await?;
         Ok::<_, crate::sink::SinkError>((version, natural_key))
     })?;
     if natural_key && !want_natural_key {

@@ -14,6 +14,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod ops;
 pub mod partitioning;
+pub mod query;
 pub mod record;
 pub mod sink;
 pub mod stats;

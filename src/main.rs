@@ -98,6 +98,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{}", runtime()?.block_on(fleetflow::ops::retention(args))?);
             Ok(())
         }
+        Command::Query(args) => {
+            print!("{}", runtime()?.block_on(fleetflow::query::run(args))?);
+            Ok(())
+        }
         Command::Migrate(db) => {
             let runtime = tokio::runtime::Runtime::new()?;
             let version = runtime.block_on(async {
@@ -160,6 +164,6 @@ fn kafka_args(command: &mut Command) -> Option<&mut fleetflow::cli::KafkaArgs> {
         Command::Gateway(a) => Some(&mut a.kafka),
         Command::Bench(a) => Some(&mut a.kafka),
         Command::Status(a) => Some(&mut a.kafka),
-        Command::Migrate(_) | Command::Retention(_) => None,
+        Command::Migrate(_) | Command::Retention(_) | Command::Query(_) => None,
     }
 }

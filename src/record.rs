@@ -423,14 +423,14 @@ mod tests {
             id in "[a-zA-Z0-9_.-]{1,64}",
             cpu in -1e9f64..1e9,
             ram in proptest::option::of(0f64..100.0),
-            extra in proptest::collection::vec(("[a-z]{1,8}x", -1e6f64..1e6), 0..4),
+            extra in proptest::collection::btree_map("[a-z]{1,8}x", -1e6f64..1e6, 0..4),
             age_ms in 0i64..86_400_000,
         ) {
             let mut obj = serde_json::json!({"serverId": id, "cpu": cpu, "ts": NOW - age_ms});
             if let Some(r) = ram { obj["ram"] = r.into(); }
-            let mut expected_extra: Vec<(String, f64)> = Vec::new();
+            // Distinct keys (a map), so the expected pairs are exactly what was sent.
+            let mut expected_extra: Vec<(String, f64)> = extra.iter().map(|(k, v)| (k.clone(), *v)).collect();
             for (k, v) in &extra {
-                if !expected_extra.iter().any(|(e, _)| e == k) { expected_extra.push((k.clone(), *v)); }
                 obj[k] = (*v).into();
             }
             let text = obj.to_string();

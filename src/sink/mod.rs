@@ -2,6 +2,7 @@
 //! one transaction), and the committed source offsets.
 
 pub mod offsets;
+pub mod rollups;
 pub mod schema;
 pub mod writer;
 

@@ -9,10 +9,11 @@ use super::{describe_target, SinkError};
 const MIGRATION_LOCK: i64 = 0x666c_6565_7466;
 
 /// Each migration: (version, what it does, SQL). Append only; never edit an applied one.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "raw metrics hypertable, committed offsets, exactly-once watermarks, dead letters, audit",
-    r#"
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "raw metrics hypertable, committed offsets, exactly-once watermarks, dead letters, audit",
+        r#"
     CREATE TABLE metrics (
         time            timestamptz      NOT NULL,
         server_id       text             NOT NULL,
@@ -65,7 +66,13 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
         written_at timestamptz NOT NULL DEFAULT now()
     );
     "#,
-)];
+    ),
+    (
+        2,
+        "per-minute rollups: metrics_1m, fleet_hist_1m, fleet_1m, server_last_seen, silent_servers",
+        super::rollups::MIGRATION,
+    ),
+];
 
 /// The newest schema version this build knows.
 pub fn latest_version() -> i32 {

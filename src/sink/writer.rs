@@ -21,8 +21,10 @@ use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 use super::offsets::load_watermarks;
+use super::rollups::RollupDelta;
 use super::{backoff, connect, SinkError};
 use crate::envelope::{Envelope, Item};
+use crate::record::Metric;
 use crate::stats::Stats;
 
 /// Rows merged into one transaction at most, when several epochs are ready at once.
@@ -36,7 +38,8 @@ const COPY_STAGING: &str =
 /// unless their (server_id, time) is already there.
 const CREATE_STAGING: &str = "CREATE TEMP TABLE fleetflow_staging (LIKE metrics) ON COMMIT DELETE ROWS";
 const INSERT_FROM_STAGING: &str =
-    "INSERT INTO metrics SELECT * FROM fleetflow_staging ON CONFLICT (server_id, time) DO NOTHING";
+    "INSERT INTO metrics SELECT * FROM fleetflow_staging ON CONFLICT (server_id, time) DO NOTHING \
+     RETURNING server_id, time, cpu, ram";
 const COPY_TYPES: [Type; 7] =
     [Type::TIMESTAMPTZ, Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::JSONB, Type::INT4, Type::INT8];
 
@@ -52,6 +55,8 @@ pub struct WriterSettings {
     pub audit_run: Option<String>,
     /// Write through a staging table with `ON CONFLICT (server_id, time) DO NOTHING`.
     pub natural_key: bool,
+    /// Maintain the per-minute rollups in the same transaction (see `sink::rollups`).
+    pub rollups: bool,
 }
 
 /// One epoch's rows for this worker, already cut into COPY batches.
@@ -167,9 +172,30 @@ impl Writer {
             copy_batch(&tx, copy, batch).await?;
         }
         let mut rows = plan.rows;
+        let mut rollup = RollupDelta::default();
         if self.settings.natural_key && rows > 0 {
-            rows = tx.execute(INSERT_FROM_STAGING, &[]).await?;
+            // Only the rows that were new count, in the rows and in the rollups.
+            let inserted = tx.query(INSERT_FROM_STAGING, &[]).await?;
+            rows = inserted.len() as u64;
+            if self.settings.rollups {
+                for row in &inserted {
+                    rollup.add(&Metric {
+                        server_id: row.get(0),
+                        time_us: row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros(),
+                        cpu: row.get(2),
+                        ram: row.get(3),
+                        extra: Vec::new(),
+                    });
+                }
+            }
+        } else if self.settings.rollups {
+            for env in plan.batches.iter().flatten() {
+                if let Item::Metric(m) = &env.item {
+                    rollup.add(m);
+                }
+            }
         }
+        rollup.apply(&tx).await?;
         insert_dead_letters(&tx, &self.settings.topic, &plan.dead_letters).await?;
         raise_watermarks(&tx, &self.settings.topic, &plan.watermarks).await?;
         if let Some(run) = &self.settings.audit_run {
