@@ -6,6 +6,7 @@
 # Env: RECORDS (default 1000000). Extra arguments go to `fleetflow bench`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/prereqs.sh
 scripts/stack.sh up
 eval "$(scripts/stack.sh urls)"
 cargo build --release --quiet

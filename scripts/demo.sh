@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 RECORDS="${RECORDS:-500000}"
 SERVERS="${SERVERS:-5000}"
 
+scripts/prereqs.sh
 scripts/stack.sh up
 eval "$(scripts/stack.sh urls)"
 echo "== building fleetflow (release)"

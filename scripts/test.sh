@@ -4,6 +4,7 @@
 # checks formatting, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/prereqs.sh
 scripts/timescaledb.sh up
 scripts/broker.sh install
 cargo fmt --check

@@ -5,7 +5,7 @@
 //!    no Kafka in the path.
 //! 3. The job, exactly-once on, for each shape (processes x workers): rows/s, the ratio to
 //!    min(ceiling 1, ceiling 2), CPU seconds per million records, peak RSS per process;
-//!    plus one run with `--dedup natural-key` for its cost.
+//!    plus runs with `--dedup natural-key` and with `--rollups false`, for their cost.
 //! 4. Steady state: the loadgen at a fixed fraction of the best job rate, and the job's
 //!    produce-to-durable latency (p50/p99).
 //!
@@ -95,6 +95,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let mut runs: Vec<(String, Vec<&str>)> = args.shapes.iter().map(|s| (s.clone(), vec![])).collect();
     if args.dedup_run {
         runs.push(("2x2".into(), vec!["--dedup", "natural-key"]));
+        runs.push(("2x2".into(), vec!["--rollups", "false"]));
     }
     for (shape, flags) in runs {
         eprintln!("bench: job {shape} {}", flags.join(" "));

@@ -137,7 +137,7 @@ pub struct BenchArgs {
     /// Job shapes to run, PROCESSESxWORKERS.
     #[arg(long, value_delimiter = ',', default_value = "1x1,1x2,2x2")]
     pub shapes: Vec<String>,
-    /// Also run 2x2 with --dedup natural-key, for its cost.
+    /// Also run 2x2 with --dedup natural-key and with --rollups false, for their costs.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub dedup_run: bool,
     /// Parallel connections of the database-ceiling COPY.

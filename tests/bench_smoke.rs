@@ -27,7 +27,7 @@ fn bench_runs_and_reports_non_zero_figures() {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
     }
     let jobs = report["jobs"].as_array().unwrap();
-    assert_eq!(jobs.len(), 3, "1x1, 2x1 and the dedup run");
+    assert_eq!(jobs.len(), 4, "1x1, 2x1, the dedup run and the run without rollups");
     for job in jobs {
         assert_eq!(job["rows"], 20_000, "{job}");
         assert!(job["rows_per_second"].as_f64().unwrap() > 0.0, "{job}");

@@ -8,7 +8,7 @@ pub mod writer;
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// Errors talking to the database, worded for the person who has to fix them.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +87,7 @@ pub async fn connect(url: &str) -> Result<Client, SinkError> {
     // Notices (IF NOT EXISTS, ...) would otherwise be logged on every start.
     config.options("-c client_min_messages=warning");
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(tls()?)
         .await
         .map_err(|source| SinkError::Unreachable { target: describe_target(url), source })?;
     tokio::spawn(async move {
@@ -96,6 +96,15 @@ pub async fn connect(url: &str) -> Result<Client, SinkError> {
         }
     });
     Ok(client)
+}
+
+/// TLS for the database connection, as the URL's `sslmode` asks: `disable` never uses it,
+/// `prefer` (the default) uses it when the server offers it, `require` insists. Certificates
+/// are verified against the system's CA store.
+fn tls() -> Result<postgres_native_tls::MakeTlsConnector, SinkError> {
+    let connector =
+        native_tls::TlsConnector::builder().build().map_err(|e| SinkError::BadUrl(format!("TLS setup failed: {e}")))?;
+    Ok(postgres_native_tls::MakeTlsConnector::new(connector))
 }
 
 /// Exponential backoff for reconnecting: 100 ms doubling up to 5 s.

@@ -72,6 +72,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "per-minute rollups: metrics_1m, fleet_hist_1m, fleet_1m, server_last_seen, silent_servers",
         super::rollups::MIGRATION,
     ),
+    (3, "fleet histogram sharded by writer", super::rollups::MIGRATION_SHARDED_HISTOGRAM),
 ];
 
 /// The newest schema version this build knows.

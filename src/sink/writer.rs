@@ -195,7 +195,7 @@ impl Writer {
                 }
             }
         }
-        rollup.apply(&tx).await?;
+        rollup.apply(&tx, self.settings.worker as i32).await?;
         insert_dead_letters(&tx, &self.settings.topic, &plan.dead_letters).await?;
         raise_watermarks(&tx, &self.settings.topic, &plan.watermarks).await?;
         if let Some(run) = &self.settings.audit_run {
