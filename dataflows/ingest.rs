@@ -85,6 +85,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         Committer::spawn(&ctx.runtime, args.database.database_url.clone(), args.kafka.topic.clone(), ctx.stats.clone());
     let mut commits = Commits::new(committer, ctx.stats.clone());
     let mut idle_since: Option<Instant> = None;
+    let mut backpressured_since: Option<Instant> = None;
     let mut last_lag = (Instant::now(), 0i64);
 
     while !ctx.shutdown.load(Ordering::Relaxed) {
@@ -96,6 +97,13 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         // Read, unless this source is as far ahead of the durable frontier as allowed.
         let may_read = input.time() < &(durable + args.max_epochs_in_flight);
         ctx.stats.backpressured.store(!may_read, Ordering::Relaxed);
+        // Held back for a while (the database is slow or away): stop fetching, so librdkafka's
+        // prefetch queue does not grow either. Short waits are normal under load; ignore them.
+        let held_since = *backpressured_since.get_or_insert_with(Instant::now);
+        if may_read {
+            backpressured_since = None;
+        }
+        reader.set_paused(!may_read && held_since.elapsed() > Duration::from_secs(1));
         let read = if may_read { source.read(&mut reader, &mut input, ctx, args.epoch_records) } else { 0 };
 
         if source.in_epoch >= args.epoch_records

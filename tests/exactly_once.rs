@@ -75,20 +75,7 @@ fn restarts_with_another_shape_give_exactly_once() {
 #[test]
 fn natural_key_dedup_drops_repeated_reports() {
     let stack = Stack::start("natural_key", 4);
-    let args = fleetflow::cli::LoadgenArgs {
-        kafka: stack.broker.kafka(&stack.topic),
-        servers: 300,
-        interval: Duration::from_secs(10),
-        count: Some(30_000),
-        rate: None,
-        seed: 3,
-        start_time: None,
-        bad_fraction: 0.0,
-        duplicate_fraction: 0.1,
-        gateway: None,
-        http_batch: 500,
-        connections: 1,
-    };
+    let args = fleetflow::cli::LoadgenArgs { duplicate_fraction: 0.1, ..stack.loadgen_args(30_000, 300, 3) };
     let report = fleetflow::loadgen::produce(&args, &std::sync::atomic::AtomicBool::new(false)).unwrap();
     assert_eq!(report.failed, 0);
     assert!(report.duplicates > 2_000, "the loadgen sent only {} repeats", report.duplicates);

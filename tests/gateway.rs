@@ -129,18 +129,11 @@ fn what_the_gateway_acknowledged_lands_exactly_once_in_timescale() {
     let stack = Stack::start("gateway_e2e", 4);
     let gw = Gateway::start(&stack, &[]);
     let args = fleetflow::cli::LoadgenArgs {
-        kafka: stack.broker.kafka(&stack.topic),
-        servers: 500,
-        interval: Duration::from_secs(10),
-        count: Some(20_000),
-        rate: None,
-        seed: 4,
-        start_time: None,
         bad_fraction: 0.02,
-        duplicate_fraction: 0.0,
         gateway: Some(gw.url.clone()),
         http_batch: 250,
         connections: 4,
+        ..stack.loadgen_args(20_000, 500, 4)
     };
     let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
     assert_eq!(report.sent, 20_000);

@@ -52,23 +52,12 @@ fn rollups_equal_sql_after_a_crash_a_restart_and_late_data() {
     let minutes_before = db.scalar("SELECT count(*) FROM metrics_1m");
 
     // Late records, for minutes that already have rollups.
-    let rt = common::runtime();
     let late_minute: i64 = db.scalar("SELECT (extract(epoch FROM min(bucket)) * 1000)::bigint FROM metrics_1m");
     let args = fleetflow::cli::LoadgenArgs {
-        kafka: stack.broker.kafka(&stack.topic),
-        servers: 50,
         interval: Duration::from_secs(7),
-        count: Some(500),
-        rate: None,
-        seed: 99,
         start_time: Some(fleetflow::record::format_micros((late_minute + 1_234) * 1000)),
-        bad_fraction: 0.0,
-        duplicate_fraction: 0.0,
-        gateway: None,
-        http_batch: 500,
-        connections: 1,
+        ..stack.loadgen_args(500, 50, 99)
     };
-    drop(rt);
     fleetflow::loadgen::produce(&args, &std::sync::atomic::AtomicBool::new(false)).unwrap();
     let mut third = Job::start(&stack, "late", 1, 2, &["--exit-when-idle", "2s"]);
     third.wait_success(Duration::from_secs(120));

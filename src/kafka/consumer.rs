@@ -44,6 +44,7 @@ pub struct PartitionReader {
     topic: String,
     partitions: Vec<i32>,
     at_end: Vec<bool>,
+    paused: bool,
 }
 
 impl PartitionReader {
@@ -71,7 +72,13 @@ impl PartitionReader {
         }
         consumer.assign(&assignment)?;
         let partitions: Vec<i32> = starts.iter().map(|(p, _)| *p).collect();
-        Ok(PartitionReader { consumer, topic: kafka.topic.clone(), at_end: vec![false; partitions.len()], partitions })
+        Ok(PartitionReader {
+            consumer,
+            topic: kafka.topic.clone(),
+            at_end: vec![false; partitions.len()],
+            partitions,
+            paused: false,
+        })
     }
 
     /// The partitions this reader owns.
@@ -100,6 +107,23 @@ impl PartitionReader {
                 Polled::Nothing
             }
             Some(Err(e)) => Polled::Error(e),
+        }
+    }
+
+    /// Stops (`true`) or restarts fetching from the broker. While the job is backpressured
+    /// this keeps librdkafka from filling its prefetch queue, so memory stays flat.
+    pub fn set_paused(&mut self, paused: bool) {
+        if paused == self.paused || self.partitions.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for p in &self.partitions {
+            list.add_partition(&self.topic, *p);
+        }
+        let result = if paused { self.consumer.pause(&list) } else { self.consumer.resume(&list) };
+        match result {
+            Ok(()) => self.paused = paused,
+            Err(e) => tracing::warn!(error = %e, paused, "cannot pause/resume the Kafka consumer"),
         }
     }
 

@@ -19,33 +19,34 @@ pub async fn load_offsets(client: &Client, topic: &str) -> Result<HashMap<i32, i
 
 /// Records that everything before `next_offset` is durable. Offsets never move backwards.
 pub async fn store_offsets(client: &Client, topic: &str, offsets: &[(i32, i64)]) -> Result<(), SinkError> {
-    let partitions: Vec<i32> = offsets.iter().map(|o| o.0).collect();
-    let nexts: Vec<i64> = offsets.iter().map(|o| o.1).collect();
-    client
-        .execute(
-            "INSERT INTO fleetflow_offsets (topic, partition, next_offset)
-             SELECT $1, p, n FROM unnest($2::int[], $3::bigint[]) AS t(p, n)
-             ON CONFLICT (topic, partition) DO UPDATE
-               SET next_offset = GREATEST(fleetflow_offsets.next_offset, EXCLUDED.next_offset),
-                   committed_at = now()",
-            &[&topic, &partitions, &nexts],
-        )
-        .await?;
-    Ok(())
+    insert_offsets(
+        client,
+        topic,
+        offsets,
+        "DO UPDATE SET next_offset = GREATEST(fleetflow_offsets.next_offset, EXCLUDED.next_offset), committed_at = now()",
+    )
+    .await
 }
 
 /// Inserts a starting offset only where none is committed yet (pins `--start latest`).
 pub async fn pin_start_offsets(client: &Client, topic: &str, offsets: &[(i32, i64)]) -> Result<(), SinkError> {
+    insert_offsets(client, topic, offsets, "DO NOTHING").await
+}
+
+async fn insert_offsets(
+    client: &Client,
+    topic: &str,
+    offsets: &[(i32, i64)],
+    on_conflict: &str,
+) -> Result<(), SinkError> {
     let partitions: Vec<i32> = offsets.iter().map(|o| o.0).collect();
     let nexts: Vec<i64> = offsets.iter().map(|o| o.1).collect();
-    client
-        .execute(
-            "INSERT INTO fleetflow_offsets (topic, partition, next_offset)
-             SELECT $1, p, n FROM unnest($2::int[], $3::bigint[]) AS t(p, n)
-             ON CONFLICT (topic, partition) DO NOTHING",
-            &[&topic, &partitions, &nexts],
-        )
-        .await?;
+    let sql = format!(
+        "INSERT INTO fleetflow_offsets (topic, partition, next_offset)
+         SELECT $1, p, n FROM unnest($2::int[], $3::bigint[]) AS t(p, n)
+         ON CONFLICT (topic, partition) {on_conflict}"
+    );
+    client.execute(&sql, &[&topic, &partitions, &nexts]).await?;
     Ok(())
 }
 

@@ -248,9 +248,9 @@ impl Stack {
         Stack { dir, broker, db, topic }
     }
 
-    /// Produces `count` records from `servers` simulated servers, all acknowledged.
-    pub fn produce(&self, count: u64, servers: u32, seed: u64, bad_fraction: f64) {
-        let args = LoadgenArgs {
+    /// Loadgen settings for this stack: straight to Kafka, as fast as possible, 10 s interval.
+    pub fn loadgen_args(&self, count: u64, servers: u32, seed: u64) -> LoadgenArgs {
+        LoadgenArgs {
             kafka: self.broker.kafka(&self.topic),
             servers,
             interval: Duration::from_secs(10),
@@ -258,12 +258,17 @@ impl Stack {
             rate: None,
             seed,
             start_time: None,
-            bad_fraction,
+            bad_fraction: 0.0,
             duplicate_fraction: 0.0,
             gateway: None,
             http_batch: 500,
             connections: 1,
-        };
+        }
+    }
+
+    /// Produces `count` records from `servers` simulated servers, all acknowledged.
+    pub fn produce(&self, count: u64, servers: u32, seed: u64, bad_fraction: f64) {
+        let args = LoadgenArgs { bad_fraction, ..self.loadgen_args(count, servers, seed) };
         let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
         assert_eq!((report.delivered, report.failed), (count, 0), "not every record was acknowledged");
     }
@@ -434,20 +439,7 @@ impl Job {
 impl Stack {
     /// Produces `count` records in a background thread at `rate` records/s.
     pub fn produce_in_background(&self, count: u64, servers: u32, seed: u64, rate: f64) -> std::thread::JoinHandle<()> {
-        let args = LoadgenArgs {
-            kafka: self.broker.kafka(&self.topic),
-            servers,
-            interval: Duration::from_secs(10),
-            count: Some(count),
-            rate: Some(rate),
-            seed,
-            start_time: None,
-            bad_fraction: 0.0,
-            duplicate_fraction: 0.0,
-            gateway: None,
-            http_batch: 500,
-            connections: 1,
-        };
+        let args = LoadgenArgs { rate: Some(rate), ..self.loadgen_args(count, servers, seed) };
         std::thread::spawn(move || {
             let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
             assert_eq!((report.delivered, report.failed), (count, 0), "not every record was acknowledged");

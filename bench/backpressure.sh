@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Memory under backpressure: the job (2 processes x 2 workers) runs while the loadgen keeps
+# producing; the database is stopped for DOWN seconds (default 60) and started again. Every
+# 5 s it prints each job process's resident memory and its progress, then the peak.
+#
+# Needs the local stack (scripts/stack.sh up) and a release build. Uses its own topic and
+# database so it does not disturb the demo's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DOWN="${DOWN:-60}"
+RATE="${RATE:-20000}"
+eval "$(scripts/stack.sh urls)"
+bin=target/release/fleetflow
+stamp=$(date +%s)
+export FLEETFLOW_TOPIC="bp_$stamp"
+admin_url=$FLEETFLOW_DATABASE_URL
+export FLEETFLOW_DATABASE_URL="${admin_url%/*}/bp_$stamp"
+scripts/timescaledb.sh psql -q -c "CREATE DATABASE bp_$stamp"
+$bin topic create --partitions 4 >/dev/null
+logs=target/backpressure && mkdir -p $logs
+printf '127.0.0.1:%s\n' 52201 52202 >$logs/hostfile
+for p in 0 1; do
+  FLEETFLOW_LOG=info $bin run --processes 2 --process-id $p --hostfile $logs/hostfile --workers 2 \
+    --report-interval 5s 2>$logs/job-p$p.log &
+  eval "job$p=$!"
+done
+total=$((RATE * (DOWN + 60)))
+$bin loadgen --count $total --rate $RATE --servers 5000 >$logs/loadgen.log 2>&1 &
+loadgen=$!
+peak=0
+sample() {
+  local line="t=$1s"
+  for pid in $job0 $job1; do
+    rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
+    [ "$rss" -gt "$peak" ] && peak=$rss
+    line="$line  rss=$((rss / 1024))MiB"
+  done
+  echo "$line  $(grep -h 'progress:' $logs/job-p0.log | tail -1 | sed 's/.*progress: //; s/ records_read=.*//')"
+}
+t=0
+for _ in 1 2 3; do sleep 5; t=$((t + 5)); sample $t; done
+echo "== stopping the database for $DOWN s"
+scripts/timescaledb.sh down
+for _ in $(seq 1 $((DOWN / 5))); do sleep 5; t=$((t + 5)); sample $t; done
+echo "== starting the database"
+scripts/timescaledb.sh up
+wait $loadgen
+for _ in 1 2 3 4 5 6; do sleep 5; t=$((t + 5)); sample $t; done
+kill -TERM $job0 $job1; wait $job0 $job1 || true
+echo "peak resident memory of a job process: $((peak / 1024)) MiB (produced $total records at $RATE/s)"
+$bin status --database-url "$FLEETFLOW_DATABASE_URL" | tail -4
