@@ -62,8 +62,8 @@ echo "== what landed"
 echo "  new rows: $((after - before))   (total in metrics: $after)"
 echo "  job wall time incl. start-up and the 2 s idle check: $(( ($(date +%s%N) - started) / 1000000 )) ms"
 sql -c "SELECT partition, next_offset, committed_at FROM fleetflow_offsets ORDER BY partition"
-echo "  sample query: the five busiest servers (all data so far)"
-sql -c "SELECT server_id, count(*) AS reports, round(avg(cpu)::numeric, 1) AS avg_cpu,
-               round(max(cpu)::numeric, 1) AS max_cpu, round(avg(ram)::numeric, 1) AS avg_ram
-          FROM metrics GROUP BY server_id ORDER BY avg_cpu DESC LIMIT 5"
+echo "== from the rollups: the five hottest servers of the last 5 minutes (fleetflow query top)"
+$bin query top --metric cpu --window 5m --limit 5
+echo "== the fleet, minute by minute (fleetflow query fleet --since 5m)"
+$bin query fleet --since 5m
 echo "logs: $logs/job-p0.log $logs/job-p1.log"

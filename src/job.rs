@@ -151,9 +151,10 @@ fn spawn_reporter(stats: Arc<Stats>, interval: Duration, stop: Arc<AtomicBool>) 
                 dead_letters = Stats::get(&stats.dead_letters),
                 durable_epoch = Stats::get(&stats.durable_epoch),
                 lag = stats.lag.load(Ordering::Relaxed),
-                "progress: {read} read ({rate:.0}/s), {} rows written, {} dead letters, durable epoch {}, lag {}{waiting}",
+                "progress: {read} read ({rate:.0}/s), {} rows written, {} dead letters, {} epochs committed (durable epoch {}), lag {}{waiting}",
                 Stats::get(&stats.rows_written),
                 Stats::get(&stats.dead_letters),
+                Stats::get(&stats.epochs_durable),
                 Stats::get(&stats.durable_epoch),
                 stats.lag.load(Ordering::Relaxed),
             );
