@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+/// Maps on the write path: keys are small integers and short strings hashed per row, where
+/// std's DoS-resistant SipHash showed up in profiles; nothing here is attacker-chosen at scale.
+pub type FastMap<K, V> = fnv::FnvHashMap<K, V>;
+
 /// Errors talking to the database, worded for the person who has to fix them.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

@@ -55,7 +55,7 @@ pub async fn load_watermarks(
     client: &Client,
     topic: &str,
     key_groups: &[u16],
-) -> Result<HashMap<(u16, i32), i64>, SinkError> {
+) -> Result<super::FastMap<(u16, i32), i64>, SinkError> {
     let groups: Vec<i32> = key_groups.iter().map(|g| *g as i32).collect();
     let rows = client
         .query(

@@ -15,11 +15,9 @@
 //! rounded to 0.1, values outside [0, 100] counted at the nearest end), `server_last_seen`,
 //! and the view `silent_servers`.
 
-use std::collections::HashMap;
-
 use tokio_postgres::Transaction;
 
-use super::SinkError;
+use super::{FastMap, SinkError};
 use crate::record::Metric;
 
 const MINUTE_US: i64 = 60_000_000;
@@ -71,10 +69,10 @@ pub fn bin(v: f64) -> i32 {
 /// What one transaction adds to the rollups.
 #[derive(Debug, Default)]
 pub struct RollupDelta {
-    pub minutes: HashMap<(String, i64), MinuteAgg>,
+    pub minutes: FastMap<(String, i64), MinuteAgg>,
     /// (minute, metric, bin) -> count
-    pub histogram: HashMap<(i64, &'static str, i32), i64>,
-    pub last_seen: HashMap<String, i64>,
+    pub histogram: FastMap<(i64, &'static str, i32), i64>,
+    pub last_seen: FastMap<String, i64>,
 }
 
 impl RollupDelta {

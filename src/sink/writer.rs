@@ -9,7 +9,6 @@
 //! landed) and retries the same epochs; the dataflow waits meanwhile, which is what
 //! throttles the sources.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -22,7 +21,7 @@ use tokio_postgres::{Client, Transaction};
 
 use super::offsets::load_watermarks;
 use super::rollups::RollupDelta;
-use super::{backoff, connect, SinkError};
+use super::{backoff, connect, FastMap, SinkError};
 use crate::envelope::{Envelope, Item};
 use crate::record::Metric;
 use crate::stats::Stats;
@@ -82,7 +81,7 @@ pub fn spawn_writer(
 ) -> mpsc::UnboundedSender<EpochWrite> {
     let (tx, mut rx) = mpsc::unbounded_channel::<EpochWrite>();
     runtime.spawn(async move {
-        let mut writer = Writer { settings, stats, client: None, watermarks: HashMap::new() };
+        let mut writer = Writer { settings, stats, client: None, watermarks: FastMap::default() };
         while let Some(first) = rx.recv().await {
             // Epochs that queued up while the last transaction ran go into one transaction.
             let mut group = vec![first];
@@ -111,7 +110,7 @@ struct Writer {
     client: Option<Client>,
     /// (key group, partition) -> highest offset durably written, for the key groups this
     /// worker owns. Valid only while `client` is: reloaded after every reconnect.
-    watermarks: HashMap<(u16, i32), i64>,
+    watermarks: FastMap<(u16, i32), i64>,
 }
 
 /// What a transaction will write once replayed messages are removed.
@@ -119,7 +118,7 @@ struct Writer {
 struct Plan<'a> {
     batches: Vec<Vec<&'a Envelope>>,
     dead_letters: Vec<&'a Envelope>,
-    watermarks: HashMap<(u16, i32), i64>,
+    watermarks: FastMap<(u16, i32), i64>,
     skipped: u64,
     rows: u64,
 }
@@ -217,7 +216,7 @@ impl Writer {
 
 /// Drops every message at or below its (key group, partition) watermark and computes the
 /// new watermarks.
-fn plan<'a>(group: &'a [EpochWrite], watermarks: &HashMap<(u16, i32), i64>) -> Plan<'a> {
+fn plan<'a>(group: &'a [EpochWrite], watermarks: &FastMap<(u16, i32), i64>) -> Plan<'a> {
     let mut plan = Plan::default();
     for batch in group.iter().flat_map(|w| &w.batches) {
         let mut rows = Vec::with_capacity(batch.len());
@@ -309,7 +308,7 @@ async fn insert_dead_letters(tx: &Transaction<'_>, topic: &str, letters: &[&Enve
 async fn raise_watermarks(
     tx: &Transaction<'_>,
     topic: &str,
-    watermarks: &HashMap<(u16, i32), i64>,
+    watermarks: &FastMap<(u16, i32), i64>,
 ) -> Result<(), SinkError> {
     if watermarks.is_empty() {
         return Ok(());
@@ -329,7 +328,7 @@ async fn raise_watermarks(
 }
 
 async fn audit(tx: &Transaction<'_>, run: &str, worker: usize, batches: &[Vec<&Envelope>]) -> Result<(), SinkError> {
-    let mut per_server: HashMap<&str, i32> = HashMap::new();
+    let mut per_server: FastMap<&str, i32> = FastMap::default();
     for env in batches.iter().flatten() {
         if let Item::Metric(m) = &env.item {
             *per_server.entry(m.server_id.as_str()).or_default() += 1;
@@ -360,13 +359,13 @@ mod tests {
     fn replayed_messages_at_or_below_their_watermark_are_dropped() {
         let group =
             vec![EpochWrite { epoch: 1, batches: vec![vec![env(1, 0, 5), env(1, 0, 6), env(2, 0, 5), env(1, 1, 3)]] }];
-        let watermarks = HashMap::from([((1, 0), 5), ((1, 1), 7)]);
+        let watermarks = FastMap::from_iter([((1, 0), 5), ((1, 1), 7)]);
         let plan = plan(&group, &watermarks);
         let kept: Vec<(u16, i32, i64)> =
             plan.batches.iter().flatten().map(|e| (e.key_group, e.partition, e.offset)).collect();
         assert_eq!(kept, vec![(1, 0, 6), (2, 0, 5)]);
         assert_eq!(plan.skipped, 2);
-        assert_eq!(plan.watermarks, HashMap::from([((1, 0), 6), ((2, 0), 5)]));
+        assert_eq!(plan.watermarks, FastMap::from_iter([((1, 0), 6), ((2, 0), 5)]));
     }
 
     #[test]
@@ -375,7 +374,7 @@ mod tests {
             EpochWrite { epoch: 1, batches: vec![vec![env(3, 2, 10)]] },
             EpochWrite { epoch: 2, batches: vec![vec![env(3, 2, 10), env(3, 2, 11)]] },
         ];
-        let plan = plan(&group, &HashMap::new());
+        let plan = plan(&group, &FastMap::default());
         assert_eq!(plan.rows, 2);
         assert_eq!(plan.skipped, 1);
     }
