@@ -173,7 +173,10 @@ fn install_panic_hook() {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        if message.contains("timely communication error") {
+        // The network threads panic with this message; the worker threads, which may notice
+        // first, panic inside timely's communication crate with a less telling one.
+        let in_communication = info.location().is_some_and(|l| l.file().contains("timely_communication"));
+        if message.contains("timely communication error") || in_communication {
             eprintln!(
                 "fleetflow: lost the connection to another process of the job ({message}); stopping. \
                  Restart every process of the job: uncommitted records are read again, nothing is lost."

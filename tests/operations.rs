@@ -36,17 +36,23 @@ fn metric(text: &str, name: &str) -> f64 {
 #[test]
 fn metrics_move_during_a_run_and_status_reports_the_result() {
     let stack = Stack::start("ops_metrics", 2);
-    let producer = stack.produce_in_background(40_000, 300, 21, 10_000.0);
+    let producer = stack.produce_in_background(40_000, 300, 21, 5_000.0);
     let listen = format!("127.0.0.1:{}", free_port());
     let mut job = Job::start(&stack, "job", 1, 2, &["--metrics-listen", &listen, "--exit-when-idle", "2s"]);
     common::wait_for_port(&listen, Duration::from_secs(30));
     stack.wait_for_rows(1, Duration::from_secs(60), &mut job);
+    // Scrape until every counter has moved between two scrapes (the producer runs for 8 s).
     let first = scrape(&format!("http://{listen}/metrics"));
-    std::thread::sleep(Duration::from_millis(1500));
-    let second = scrape(&format!("http://{listen}/metrics"));
-    for name in ["fleetflow_records_read_total", "fleetflow_rows_written_total", "fleetflow_copy_seconds_count"] {
-        assert!(metric(&second, name) > metric(&first, name), "{name} did not move:\n{second}");
-    }
+    let counters = ["fleetflow_records_read_total", "fleetflow_rows_written_total", "fleetflow_copy_seconds_count"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let second = loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = scrape(&format!("http://{listen}/metrics"));
+        if counters.iter().all(|name| metric(&now, name) > metric(&first, name)) {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "counters did not move during the run:\n{first}\n---\n{now}");
+    };
     for name in
         ["fleetflow_durable_epoch", "fleetflow_consumer_lag", "fleetflow_backpressured", "fleetflow_database_waiting"]
     {
