@@ -19,11 +19,14 @@ fn chaos_sigkill_schedule_gives_exactly_once() {
     let seed = chaos_seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let stack = Stack::start("chaos", 4);
-    // Records keep arriving while the job is being killed.
-    let producer = stack.produce_in_background(CHAOS_RECORDS, 2_000, seed, 10_000.0);
+    // Records keep arriving (40 s at 5,000/s) while the job is being killed. Kill rounds go
+    // on for as long as they do (at least 6 rounds), so the schedule hits the job mid-stream
+    // however fast or slow this machine runs it.
+    let producer = stack.produce_in_background(CHAOS_RECORDS, 2_000, seed, 5_000.0);
 
     let mut kills = Vec::new();
-    for round in 0..12 {
+    while kills.len() < 6 || (!producer.is_finished() && kills.len() < 60) {
+        let round = kills.len();
         let mut job = Job::start(&stack, &format!("round{round}"), 2, 2, &[]);
         // From 0 ms (start-up) to 2.5 s (mid-stream).
         let delay = Duration::from_millis(rng.u64(0..2_500));

@@ -9,11 +9,17 @@
 //! there is no lateness bound: a record of any age inside `--max-age` updates its minute.
 //!
 //! Tables and views (migration 2): `metrics_1m` (per server and minute: count, sum, min,
-//! max, avg of cpu and ram), `fleet_hist_1m` (per minute, a histogram of cpu and ram in
-//! 0.1-point bins over [0, 100]), `fleet_1m` (per minute: servers reporting, avg/max and
-//! p50/p95/p99 of cpu and ram; the percentiles are exact `percentile_disc` of the values
-//! rounded to 0.1, values outside [0, 100] counted at the nearest end), `server_last_seen`,
-//! and the view `silent_servers`.
+//! max, avg of cpu and ram, newest record time), `fleet_hist_1m` (per minute, metric and
+//! writing worker: one array of counts in 0.1-point bins over [0, 100]), `fleet_1m` (per
+//! minute: servers reporting, avg/max and p50/p95/p99 of cpu and ram; the percentiles are
+//! exact `percentile_disc` of the values rounded to 0.1, values outside [0, 100] counted at
+//! the nearest end), and `silent_servers`, derived from `metrics_1m`.
+//!
+//! What each transaction costs the database is what limits ingest speed (see the README's
+//! performance section), so the delta is shaped to need few row versions: one upsert per
+//! (server, minute) in `metrics_1m`, whose spare page room (fillfactor) lets the update stay
+//! on its page without touching the indexes, and one array row per (minute, metric) in the
+//! histogram instead of one row per bin.
 
 use tokio_postgres::Transaction;
 
@@ -21,6 +27,12 @@ use super::{FastMap, SinkError};
 use crate::record::Metric;
 
 const MINUTE_US: i64 = 60_000_000;
+
+/// Histogram bins: tenths of a point over [0, 100].
+pub const BINS: usize = 1001;
+
+/// The metrics the fleet histogram covers, in the order of its `metric` column values.
+const HISTOGRAM_METRICS: [&str; 2] = ["cpu", "ram"];
 
 /// Partial aggregates of one (server, minute).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -62,35 +74,33 @@ impl Agg {
 }
 
 /// The histogram bin of a percentage: tenths of a point, clamped to [0, 1000].
-pub fn bin(v: f64) -> i32 {
-    (v * 10.0).round().clamp(0.0, 1000.0) as i32
+pub fn bin(v: f64) -> usize {
+    (v * 10.0).round().clamp(0.0, (BINS - 1) as f64) as usize
 }
 
-/// What one transaction adds to the rollups.
+/// What one transaction adds to the rollups. Keys borrow the server ids of the rows
+/// being written, so folding a row in allocates nothing but new map entries.
 #[derive(Debug, Default)]
-pub struct RollupDelta {
-    pub minutes: FastMap<(String, i64), MinuteAgg>,
-    /// (minute, metric, bin) -> count
-    pub histogram: FastMap<(i64, &'static str, i32), i64>,
-    pub last_seen: FastMap<String, i64>,
+pub struct RollupDelta<'a> {
+    pub minutes: FastMap<(&'a str, i64), MinuteAgg>,
+    /// (minute, index into [`HISTOGRAM_METRICS`]) -> counts per bin
+    pub histogram: FastMap<(i64, usize), Vec<i64>>,
 }
 
-impl RollupDelta {
+impl<'a> RollupDelta<'a> {
     /// Folds one written row in.
-    pub fn add(&mut self, m: &Metric) {
+    pub fn add(&mut self, m: &'a Metric) {
         let minute = m.time_us.div_euclid(MINUTE_US) * MINUTE_US;
-        let agg = self.minutes.entry((m.server_id.clone(), minute)).or_default();
+        let agg = self.minutes.entry((m.server_id.as_str(), minute)).or_default();
         agg.count += 1;
         agg.last_time_us = agg.last_time_us.max(m.time_us);
         agg.cpu.add(m.cpu);
         agg.ram.add(m.ram);
-        for (name, v) in [("cpu", m.cpu), ("ram", m.ram)] {
+        for (metric, v) in [m.cpu, m.ram].into_iter().enumerate() {
             if let Some(v) = v {
-                *self.histogram.entry((minute, name, bin(v))).or_default() += 1;
+                self.histogram.entry((minute, metric)).or_insert_with(|| vec![0; BINS])[bin(v)] += 1;
             }
         }
-        let seen = self.last_seen.entry(m.server_id.clone()).or_insert(m.time_us);
-        *seen = (*seen).max(m.time_us);
     }
 
     /// Adds the delta to the stored rollups, inside the caller's transaction. `shard` (the
@@ -101,16 +111,16 @@ impl RollupDelta {
             return Ok(());
         }
         let ts = |us: i64| chrono::DateTime::from_timestamp_micros(us).unwrap_or_default();
-        let mut servers = Vec::new();
-        let mut buckets = Vec::new();
-        let mut counts = Vec::new();
-        let mut lasts = Vec::new();
+        let mut servers = Vec::with_capacity(self.minutes.len());
+        let mut buckets = Vec::with_capacity(self.minutes.len());
+        let mut counts = Vec::with_capacity(self.minutes.len());
+        let mut lasts = Vec::with_capacity(self.minutes.len());
         let (mut cc, mut cs, mut cmin, mut cmax) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut rc, mut rs, mut rmin, mut rmax) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut minutes: Vec<_> = self.minutes.iter().collect();
         minutes.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for ((server, minute), agg) in minutes {
-            servers.push(server.as_str());
+            servers.push(*server);
             buckets.push(ts(*minute));
             counts.push(agg.count);
             lasts.push(ts(agg.last_time_us));
@@ -145,43 +155,27 @@ impl RollupDelta {
         )
         .await?;
 
-        let mut hb = Vec::new();
-        let mut hm = Vec::new();
-        let mut hbin = Vec::new();
-        let mut hc = Vec::new();
+        // One row per (minute, metric); the stored counts and the delta are added bin by bin.
+        let add_counts = tx
+            .prepare(
+                "INSERT INTO fleet_hist_1m AS t (bucket, metric, shard, counts) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (bucket, metric, shard) DO UPDATE SET counts = ARRAY(
+                     SELECT a + b FROM unnest(t.counts, EXCLUDED.counts) WITH ORDINALITY AS u(a, b, i) ORDER BY i)",
+            )
+            .await?;
         let mut histogram: Vec<_> = self.histogram.iter().collect();
-        histogram.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for ((minute, metric, b), count) in histogram {
-            hb.push(ts(*minute));
-            hm.push(*metric);
-            hbin.push(*b);
-            hc.push(*count);
+        histogram.sort_unstable_by_key(|(key, _)| **key);
+        for ((minute, metric), bins) in histogram {
+            tx.execute(&add_counts, &[&ts(*minute), &HISTOGRAM_METRICS[*metric], &shard, bins]).await?;
         }
-        tx.execute(
-            "INSERT INTO fleet_hist_1m AS t (bucket, metric, bin, count, shard)
-             SELECT *, $5 FROM unnest($1::timestamptz[], $2::text[], $3::int4[], $4::int8[])
-             ON CONFLICT (bucket, metric, bin, shard) DO UPDATE SET count = t.count + EXCLUDED.count",
-            &[&hb, &hm, &hbin, &hc, &shard],
-        )
-        .await?;
-
-        let mut last_seen: Vec<_> = self.last_seen.iter().collect();
-        last_seen.sort_unstable();
-        let seen_servers: Vec<&str> = last_seen.iter().map(|(s, _)| s.as_str()).collect();
-        let seen: Vec<_> = last_seen.iter().map(|(_, us)| ts(**us)).collect();
-        tx.execute(
-            "INSERT INTO server_last_seen AS t (server_id, last_seen)
-             SELECT * FROM unnest($1::text[], $2::timestamptz[])
-             ON CONFLICT (server_id) DO UPDATE SET last_seen = GREATEST(t.last_seen, EXCLUDED.last_seen)",
-            &[&seen_servers, &seen],
-        )
-        .await?;
         Ok(())
     }
 }
 
 /// Migration 2: the rollup tables and views.
 pub const MIGRATION: &str = r#"
+    -- Updates of a minute's row find room on its page (fillfactor), so they stay
+    -- heap-only and leave the indexes alone; chunks take the setting from the hypertable.
     CREATE TABLE metrics_1m (
         server_id text        NOT NULL,
         bucket    timestamptz NOT NULL,
@@ -192,29 +186,28 @@ pub const MIGRATION: &str = r#"
         cpu_avg double precision GENERATED ALWAYS AS (cpu_sum / NULLIF(cpu_count, 0)) STORED,
         ram_avg double precision GENERATED ALWAYS AS (ram_sum / NULLIF(ram_count, 0)) STORED,
         PRIMARY KEY (server_id, bucket)
-    );
+    ) WITH (fillfactor = 50);
     SELECT create_hypertable('metrics_1m', 'bucket', chunk_time_interval => interval '7 days');
 
+    -- Per minute, metric and writing worker (shard: concurrent writers never wait on each
+    -- other's rows; readers sum the shards): counts[i] is the number of values that round
+    -- to (i - 1) / 10 points, clamped to [0, 100].
     CREATE TABLE fleet_hist_1m (
         bucket timestamptz NOT NULL,
         metric text        NOT NULL,
-        bin    integer     NOT NULL,
-        count  bigint      NOT NULL,
-        PRIMARY KEY (bucket, metric, bin)
-    );
-
-    CREATE TABLE server_last_seen (
-        server_id text PRIMARY KEY,
-        last_seen timestamptz NOT NULL
+        shard  integer     NOT NULL,
+        counts bigint[]    NOT NULL,
+        PRIMARY KEY (bucket, metric, shard)
     );
 
     -- The q-quantile (percentile_disc) of a minute's histogram, in points.
     CREATE FUNCTION fleetflow_percentile(b timestamptz, m text, q double precision) RETURNS double precision
     LANGUAGE sql STABLE AS $$
-        SELECT bin / 10.0 FROM (
-            SELECT bin, sum(count) OVER (ORDER BY bin) AS cumulative, sum(count) OVER () AS total
-            FROM fleet_hist_1m WHERE bucket = b AND metric = m) h
-        WHERE cumulative >= q * total ORDER BY bin LIMIT 1
+        SELECT (i - 1) / 10.0 FROM (
+            SELECT i, sum(sum(c)) OVER (ORDER BY i) AS cumulative, sum(sum(c)) OVER () AS total
+            FROM fleet_hist_1m, unnest(counts) WITH ORDINALITY AS u(c, i)
+            WHERE bucket = b AND metric = m GROUP BY i) h
+        WHERE cumulative >= q * total ORDER BY i LIMIT 1
     $$;
 
     CREATE VIEW fleet_1m AS
@@ -233,40 +226,35 @@ pub const MIGRATION: &str = r#"
            fleetflow_percentile(bucket, 'ram', 0.99)  AS ram_p99
     FROM metrics_1m GROUP BY bucket;
 
-    -- Replaced on every start with the job's --silent-after.
+    -- Settings the job sets on start for the views (silent_after: --silent-after).
+    CREATE TABLE fleetflow_settings (
+        key   text PRIMARY KEY,
+        value text NOT NULL
+    );
+
+    -- Servers whose newest record is within the last hour but older than silent_after.
+    -- Derived from metrics_1m, so ingest keeps no separate last-seen table.
     CREATE VIEW silent_servers AS
-    SELECT server_id, last_seen, now() - last_seen AS silent_for FROM server_last_seen
-    WHERE last_seen > now() - interval '1 hour' AND last_seen < now() - interval '30 seconds';
+    SELECT server_id, max(last_time) AS last_seen, now() - max(last_time) AS silent_for
+    FROM metrics_1m WHERE bucket > now() - interval '61 minutes'
+    GROUP BY server_id
+    HAVING max(last_time) > now() - interval '1 hour'
+       AND max(last_time) < now() - coalesce(
+           (SELECT value::interval FROM fleetflow_settings WHERE key = 'silent_after'), interval '30 seconds');
 "#;
 
-/// Migration 3: the fleet histogram gets a `shard` (the writing worker), so concurrent
-/// writers never wait on each other's rows (measured: 2x2 fell from 191k to 15k rows/s
-/// without it). Percentiles sum the shards.
-pub const MIGRATION_SHARDED_HISTOGRAM: &str = r#"
-    ALTER TABLE fleet_hist_1m ADD COLUMN shard integer NOT NULL DEFAULT 0;
-    ALTER TABLE fleet_hist_1m DROP CONSTRAINT fleet_hist_1m_pkey;
-    ALTER TABLE fleet_hist_1m ADD PRIMARY KEY (bucket, metric, bin, shard);
-    CREATE OR REPLACE FUNCTION fleetflow_percentile(b timestamptz, m text, q double precision) RETURNS double precision
-    LANGUAGE sql STABLE AS $$
-        SELECT bin / 10.0 FROM (
-            SELECT bin, sum(sum(count)) OVER (ORDER BY bin) AS cumulative, sum(sum(count)) OVER () AS total
-            FROM fleet_hist_1m WHERE bucket = b AND metric = m GROUP BY bin) h
-        WHERE cumulative >= q * total ORDER BY bin LIMIT 1
-    $$;
-"#;
-
-/// Recreates `silent_servers` with the job's threshold.
+/// Sets the `silent_after` threshold the `silent_servers` view reads (the view is fixed SQL,
+/// so several processes starting at once never race on DDL).
 pub async fn set_silent_after(
     client: &tokio_postgres::Client,
     silent_after: std::time::Duration,
 ) -> Result<(), SinkError> {
     client
-        .batch_execute(&format!(
-            "CREATE OR REPLACE VIEW silent_servers AS
-             SELECT server_id, last_seen, now() - last_seen AS silent_for FROM server_last_seen
-             WHERE last_seen > now() - interval '1 hour' AND last_seen < now() - interval '{} milliseconds'",
-            silent_after.as_millis()
-        ))
+        .execute(
+            "INSERT INTO fleetflow_settings (key, value) VALUES ('silent_after', $1)
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&format!("{} milliseconds", silent_after.as_millis())],
+        )
         .await?;
     Ok(())
 }
@@ -281,26 +269,37 @@ mod tests {
 
     #[test]
     fn rows_fold_into_minutes_and_histograms() {
+        let rows = [
+            m("a", 60_000_000 + 5, Some(10.0), Some(50.0)),
+            m("a", 119_999_999, Some(30.0), None),
+            m("a", 120_000_000, Some(20.04), Some(1.0)),
+            m("b", 61_000_000, Some(250.0), None),
+        ];
         let mut d = RollupDelta::default();
-        d.add(&m("a", 60_000_000 + 5, Some(10.0), Some(50.0)));
-        d.add(&m("a", 119_999_999, Some(30.0), None));
-        d.add(&m("a", 120_000_000, Some(20.04), Some(1.0)));
-        d.add(&m("b", 61_000_000, Some(250.0), None));
-        let a1 = &d.minutes[&("a".to_string(), 60_000_000)];
+        for row in &rows {
+            d.add(row);
+        }
+        let a1 = &d.minutes[&("a", 60_000_000)];
         assert_eq!(a1.count, 2);
         assert_eq!(a1.last_time_us, 119_999_999);
         assert_eq!(a1.cpu, Agg { count: 2, sum: 40.0, min: 10.0, max: 30.0 });
         assert_eq!(a1.ram, Agg { count: 1, sum: 50.0, min: 50.0, max: 50.0 });
-        assert_eq!(d.minutes[&("a".to_string(), 120_000_000)].count, 1);
-        assert_eq!(d.histogram[&(120_000_000, "cpu", 200)], 1);
-        assert_eq!(d.histogram[&(60_000_000, "cpu", 1000)], 1, "values over 100 count at the top");
-        assert_eq!(d.last_seen["a"], 120_000_000);
+        assert_eq!(d.minutes[&("a", 120_000_000)].count, 1);
+        assert_eq!(d.histogram[&(120_000_000, 0)][200], 1);
+        assert_eq!(d.histogram[&(120_000_000, 1)][10], 1);
+        let cpu_first_minute = &d.histogram[&(60_000_000, 0)];
+        assert_eq!(cpu_first_minute[1000], 1, "values over 100 count at the top");
+        assert_eq!((cpu_first_minute[100], cpu_first_minute[300]), (1, 1));
+        assert_eq!(cpu_first_minute.iter().sum::<i64>(), 3);
+        assert_eq!(d.histogram[&(60_000_000, 1)].iter().sum::<i64>(), 1, "ram of the first minute");
     }
 
     #[test]
     fn negative_times_bucket_downwards() {
+        let row = m("a", -1, Some(-3.0), None);
         let mut d = RollupDelta::default();
-        d.add(&m("a", -1, Some(1.0), None));
-        assert!(d.minutes.contains_key(&("a".to_string(), -60_000_000)));
+        d.add(&row);
+        assert!(d.minutes.contains_key(&("a", -60_000_000)));
+        assert_eq!(d.histogram[&(-60_000_000, 0)][0], 1, "values below 0 count at the bottom");
     }
 }

@@ -67,12 +67,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     );
     "#,
     ),
-    (
-        2,
-        "per-minute rollups: metrics_1m, fleet_hist_1m, fleet_1m, server_last_seen, silent_servers",
-        super::rollups::MIGRATION,
-    ),
-    (3, "fleet histogram sharded by writer", super::rollups::MIGRATION_SHARDED_HISTOGRAM),
+    (2, "per-minute rollups: metrics_1m, fleet_hist_1m, fleet_1m, silent_servers", super::rollups::MIGRATION),
 ];
 
 /// The newest schema version this build knows.

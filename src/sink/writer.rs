@@ -171,26 +171,22 @@ impl Writer {
             copy_batch(&tx, copy, batch).await?;
         }
         let mut rows = plan.rows;
-        let mut rollup = RollupDelta::default();
+        // With --dedup natural-key only the rows that were new count, in the rows and in
+        // the rollups.
+        let mut inserted = Vec::new();
         if self.settings.natural_key && rows > 0 {
-            // Only the rows that were new count, in the rows and in the rollups.
-            let inserted = tx.query(INSERT_FROM_STAGING, &[]).await?;
+            inserted = tx.query(INSERT_FROM_STAGING, &[]).await?.iter().map(inserted_metric).collect();
             rows = inserted.len() as u64;
-            if self.settings.rollups {
-                for row in &inserted {
-                    rollup.add(&Metric {
-                        server_id: row.get(0),
-                        time_us: row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros(),
-                        cpu: row.get(2),
-                        ram: row.get(3),
-                        extra: Vec::new(),
-                    });
-                }
-            }
-        } else if self.settings.rollups {
-            for env in plan.batches.iter().flatten() {
-                if let Item::Metric(m) = &env.item {
-                    rollup.add(m);
+        }
+        let mut rollup = RollupDelta::default();
+        if self.settings.rollups {
+            if self.settings.natural_key {
+                inserted.iter().for_each(|m| rollup.add(m));
+            } else {
+                for env in plan.batches.iter().flatten() {
+                    if let Item::Metric(m) = &env.item {
+                        rollup.add(m);
+                    }
                 }
             }
         }
@@ -211,6 +207,17 @@ impl Writer {
         Stats::add(&self.stats.transactions, 1);
         self.stats.mark_write();
         Ok(())
+    }
+}
+
+/// A row `INSERT_FROM_STAGING` returned, as what the rollups fold in.
+fn inserted_metric(row: &tokio_postgres::Row) -> Metric {
+    Metric {
+        server_id: row.get(0),
+        time_us: row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros(),
+        cpu: row.get(2),
+        ram: row.get(3),
+        extra: Vec::new(),
     }
 }
 
