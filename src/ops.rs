@@ -8,7 +8,8 @@ use anyhow::Context;
 use crate::cli::{RetentionArgs, RunArgs, StatusArgs};
 use crate::sink::{connect, describe_target};
 
-/// `fleetflow status`: committed offsets, lag per partition, last commit, dead letters.
+/// `fleetflow status`: committed offsets, lag per partition, last commit, dead letters,
+/// the newest raw record and how far the rollups have caught up with it.
 pub async fn status(args: StatusArgs) -> anyhow::Result<String> {
     let url = &args.database.database_url;
     let client = connect(url).await?;
@@ -69,6 +70,24 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<String> {
     out += &format!(
         "metrics: about {approx} rows, newest record {}\n",
         newest.map_or("none".into(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+    );
+    // The rollups commit with the raw rows, so they trail them only when a job ran with
+    // --rollups false.
+    let rolled_up: Option<chrono::DateTime<chrono::Utc>> = client
+        .query_one("SELECT max(last_time) FROM metrics_1m WHERE bucket = (SELECT max(bucket) FROM metrics_1m)", &[])
+        .await?
+        .get(0);
+    out += &format!(
+        "rollups: newest record summarised {}{}\n",
+        rolled_up.map_or("none".into(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+        match (newest, rolled_up) {
+            (Some(raw), Some(rolled)) if raw > rolled => format!(
+                ", {} behind the raw rows",
+                humantime::format_duration(Duration::from_secs((raw - rolled).num_seconds().max(0) as u64))
+            ),
+            (Some(_), Some(_)) => " (up to date with the raw rows)".into(),
+            _ => String::new(),
+        }
     );
     Ok(out)
 }

@@ -68,6 +68,7 @@ fn metrics_move_during_a_run_and_status_reports_the_result() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("total lag: 0 messages"), "{out}");
     assert!(out.contains("dead letters: 0"), "{out}");
+    assert!(out.contains("(up to date with the raw rows)"), "rollup freshness: {out}");
     let table_rows = out.lines().filter(|l| l.trim_start().starts_with(['0', '1']) && l.contains("ago")).count();
     assert_eq!(table_rows, 2, "{out}");
 }
