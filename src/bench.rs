@@ -1,6 +1,7 @@
 //! `fleetflow bench`: the job measured against its ceilings, in one run, on the same data.
 //!
-//! 1. Kafka ceiling: the job's own partition reader draining the topic, without decoding.
+//! 1. Kafka ceiling: the job's own partition reader draining the topic, without decoding
+//!    (the better of two passes).
 //! 2. Database ceiling: binary COPY of the same rows into a fresh `metrics` hypertable,
 //!    no Kafka in the path.
 //! 3. The job, exactly-once on, for each shape (processes x workers): rows/s, the ratio to
@@ -84,7 +85,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     }
 
     eprintln!("bench: Kafka ceiling");
-    let kafka_ceiling = kafka_ceiling(&kafka, args.records)?;
+    // A fresh reader's first fetches vary a lot against a broker that shares two cores with
+    // everything else; the better of two passes is the steadier ceiling.
+    let kafka_ceiling = kafka_ceiling(&kafka, args.records)?.max(kafka_ceiling(&kafka, args.records)?);
     eprintln!("bench: database ceiling");
     let rows = same_rows(&loadgen(kafka.clone(), args.records, None, Some(start_time)));
     let ceiling_db = fresh_database(&runtime, &args.database.database_url, &format!("bench_ceiling_{stamp}"))?;
@@ -158,7 +161,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
 pub fn table(r: &BenchReport) -> String {
     let mut out =
         format!(
-        "records {}  servers {}  produce {:.0}/s\nKafka ceiling     {:>10.0} records/s  (one reader, no decoding)\n\
+        "records {}  servers {}  produce {:.0}/s\nKafka ceiling     {:>10.0} records/s  (one reader, no decoding, best of 2)\n\
          database ceiling  {:>10.0} rows/s     (binary COPY, {} connections, no Kafka)\n\n\
          {:<6} {:<22} {:>11} {:>9} {:>14} {:>18}\n",
         r.records, r.servers, r.produce_records_per_second, r.kafka_ceiling_records_per_second,

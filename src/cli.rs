@@ -279,6 +279,10 @@ pub struct RunArgs {
     /// How often the one-line progress report is printed.
     #[arg(long, env = "FLEETFLOW_REPORT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub report_interval: Duration,
+    /// With several processes: how long to wait at start for the other processes of the job
+    /// to connect before giving up with an error (0s waits forever).
+    #[arg(long, env = "FLEETFLOW_CONNECT_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
     /// After SIGINT/SIGTERM, how long to wait for open epochs to become durable before
     /// abandoning them (they are re-read on the next start; nothing is lost).
     #[arg(long, env = "FLEETFLOW_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]

@@ -71,6 +71,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         run_id,
         natural_key,
     });
+    let connected = Arc::new(AtomicBool::new(false));
+    if ctx.args.processes > 1 && !ctx.args.connect_timeout.is_zero() {
+        spawn_connect_watchdog(connected.clone(), ctx.args.connect_timeout);
+    }
     let guards = timely::execute(timely_config, move |worker| {
         if let Err(e) = run_worker(worker, &ctx) {
             // The other workers cannot finish without this one: stop the process.
@@ -79,6 +83,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     })
     .map_err(|e| anyhow::anyhow!("cannot start the timely workers: {e}"))?;
+    // timely returns once every process of the job is connected.
+    connected.store(true, Ordering::Relaxed);
     for result in guards.join() {
         result.map_err(|e| anyhow::anyhow!("a worker failed: {e}"))?;
     }
@@ -123,6 +129,29 @@ fn spawn_shutdown_watchdog(shutdown: Arc<AtomicBool>, timeout: Duration) {
         std::thread::sleep(timeout);
         tracing::warn!("shutdown timed out; abandoning epochs that are not durable (they will be re-read on restart)");
         std::process::exit(0);
+    });
+}
+
+/// Until the other processes of the job connect, timely waits for them without end; a
+/// process whose peers never come (a wrong host list, a process not started) says so and
+/// exits instead.
+fn spawn_connect_watchdog(connected: Arc<AtomicBool>, timeout: Duration) {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if connected.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !connected.load(Ordering::Relaxed) {
+            eprintln!(
+                "fleetflow: the other processes of the job did not connect within {}; start every process \
+                 with the same --hosts/--hostfile, --processes and --workers, each with its own --process-id",
+                humantime::format_duration(timeout)
+            );
+            std::process::exit(3);
+        }
     });
 }
 

@@ -159,3 +159,18 @@ fn three_processes_one_killed_the_others_stop_with_a_clear_message() {
     again.wait_success(Duration::from_secs(180));
     assert_exactly_once(&stack, 60_000, 3);
 }
+
+#[test]
+fn a_process_whose_peers_never_connect_gives_up_with_a_clear_message() {
+    let stack = Stack::start("ops_lonely", 2);
+    let hosts = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let args: Vec<String> = stack.run_args();
+    let mut run: Vec<&str> = args.iter().map(String::as_str).collect();
+    run.extend(["--processes", "2", "--process-id", "0", "--hosts", &hosts, "--connect-timeout", "2s"]);
+    let started = std::time::Instant::now();
+    let (code, _, err) = fleetflow(&run, &[]);
+    assert_eq!(code, 3, "{err}");
+    let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert!(last.starts_with("fleetflow: the other processes of the job did not connect within 2s"), "{err}");
+    assert!(started.elapsed() >= Duration::from_secs(2), "gave up before its timeout");
+}
