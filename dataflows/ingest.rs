@@ -68,6 +68,8 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         topic: args.kafka.topic.clone(),
         worker: index,
         workers: peers,
+        connection: 0,
+        connections: args.sink_connections,
         audit_run: args.audit.then(|| ctx.run_id.clone()),
         natural_key: ctx.natural_key,
         rollups: args.rollups,

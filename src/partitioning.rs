@@ -53,6 +53,20 @@ pub fn owned_key_groups(worker: usize, workers: usize) -> Vec<u16> {
     (0..KEY_GROUPS).filter(|g| key_group_owner(*g, workers) == worker).collect()
 }
 
+/// Which of a sink worker's `connections` database connections writes a key group. The
+/// worker's own key groups (g, g + N, g + 2N, ...) are dealt out in turn.
+pub fn key_group_connection(key_group: u16, workers: usize, connections: usize) -> usize {
+    key_group as usize / workers % connections
+}
+
+/// The key groups that connection `connection` of sink worker `worker` writes.
+pub fn connection_key_groups(worker: usize, workers: usize, connection: usize, connections: usize) -> Vec<u16> {
+    owned_key_groups(worker, workers)
+        .into_iter()
+        .filter(|g| key_group_connection(*g, workers, connections) == connection)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +99,22 @@ mod tests {
         assert_eq!(dead_letter_key_group(None, 3), 3);
         assert_eq!(dead_letter_key_group(Some(b""), 300), 44);
         assert_eq!(dead_letter_key_group(Some(b"s17"), 3), key_group(b"s17"));
+    }
+
+    #[test]
+    fn a_workers_connections_split_its_key_groups_between_them() {
+        for (workers, connections) in [(1, 1), (1, 2), (3, 2), (4, 3), (7, 5)] {
+            for w in 0..workers {
+                let mut split: Vec<u16> =
+                    (0..connections).flat_map(|c| connection_key_groups(w, workers, c, connections)).collect();
+                split.sort_unstable();
+                assert_eq!(split, owned_key_groups(w, workers), "workers={workers} connections={connections}");
+                let sizes: Vec<usize> =
+                    (0..connections).map(|c| connection_key_groups(w, workers, c, connections).len()).collect();
+                let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+                assert!(max - min <= 1, "uneven split {sizes:?}");
+            }
+        }
     }
 
     proptest! {

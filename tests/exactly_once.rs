@@ -1,6 +1,7 @@
 //! Promise 1 under crashes: SIGKILL of job processes at seeded random moments (during
 //! start-up, mid-COPY, between a COPY and its offset commit), and restarts with another
-//! shape, never lose or duplicate a record.
+//! shape (processes, workers, database connections per worker), never lose or duplicate a
+//! record.
 
 mod common;
 
@@ -59,18 +60,18 @@ fn restarts_with_another_shape_give_exactly_once() {
     stack.produce(total, 1_000, 11, 0.0);
     let throttle = ["--epoch-records", "500", "--max-epochs-in-flight", "4"];
 
-    // 1 process x 1 worker, killed after 30k rows.
-    let mut a = Job::start(&stack, "1x1", 1, 1, &throttle);
+    // 1 process x 1 worker with one database connection, killed after 30k rows.
+    let mut a = Job::start(&stack, "1x1", 1, 1, &[&throttle[..], &["--sink-connections", "1"]].concat());
     stack.wait_for_rows(30_000, Duration::from_secs(120), &mut a);
     a.crash(0, Duration::ZERO);
-    // 2 x 2, killed after 80k rows.
+    // 2 x 2 (two connections per worker, the default), killed after 80k rows.
     let mut b = Job::start(&stack, "2x2", 2, 2, &throttle);
     stack.wait_for_rows(80_000, Duration::from_secs(120), &mut b);
     b.crash(1, Duration::ZERO);
     let at_kill = stack.db.metric_rows();
     assert!(at_kill < total as i64, "the job finished before the second kill; not a rescale test");
-    // 1 x 3 finishes.
-    let mut c = Job::start(&stack, "1x3", 1, 3, &["--exit-when-idle", "2s"]);
+    // 1 x 3 with three connections per worker finishes.
+    let mut c = Job::start(&stack, "1x3", 1, 3, &["--exit-when-idle", "2s", "--sink-connections", "3"]);
     c.wait_success(Duration::from_secs(300));
     assert_exactly_once(&stack, total as i64, 4);
 }

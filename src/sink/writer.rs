@@ -50,6 +50,10 @@ pub struct WriterSettings {
     /// This worker's global index, and how many workers the job has.
     pub worker: usize,
     pub workers: usize,
+    /// This writer's connection among the worker's `connections`: it writes the key groups
+    /// [`crate::partitioning::connection_key_groups`] gives it.
+    pub connection: usize,
+    pub connections: usize,
     /// When set, record which serverIds each transaction wrote, under this run id.
     pub audit_run: Option<String>,
     /// Write through a staging table with `ON CONFLICT (server_id, time) DO NOTHING`.
@@ -130,7 +134,12 @@ impl Writer {
             match self.try_write(group).await {
                 Ok(()) => {
                     if attempt > 0 {
-                        tracing::info!(worker = self.settings.worker, attempt, "database is back; write committed");
+                        tracing::info!(
+                            worker = self.settings.worker,
+                            connection = self.settings.connection,
+                            attempt,
+                            "database is back; write committed"
+                        );
                         self.stats.database_waiting.store(false, Ordering::Relaxed);
                     }
                     return;
@@ -140,9 +149,9 @@ impl Writer {
                     self.stats.database_waiting.store(true, Ordering::Relaxed);
                     let level_is_warn = e.is_transient();
                     if level_is_warn {
-                        tracing::warn!(worker = self.settings.worker, attempt, error = %e, "database unavailable; waiting to write");
+                        tracing::warn!(worker = self.settings.worker, connection = self.settings.connection, attempt, error = %e, "database unavailable; waiting to write");
                     } else {
-                        tracing::error!(worker = self.settings.worker, attempt, error = %e, "write failed; retrying");
+                        tracing::error!(worker = self.settings.worker, connection = self.settings.connection, attempt, error = %e, "write failed; retrying");
                     }
                     self.client = None;
                     tokio::time::sleep(backoff(attempt)).await;
@@ -155,7 +164,8 @@ impl Writer {
     async fn try_write(&mut self, group: &[EpochWrite]) -> Result<(), SinkError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             let client = connect(&self.settings.database_url).await?;
-            let owned = crate::partitioning::owned_key_groups(self.settings.worker, self.settings.workers);
+            let s = &self.settings;
+            let owned = crate::partitioning::connection_key_groups(s.worker, s.workers, s.connection, s.connections);
             self.watermarks = load_watermarks(&client, &self.settings.topic, &owned).await?;
             if self.settings.natural_key {
                 client.batch_execute(CREATE_STAGING).await?;
@@ -190,7 +200,9 @@ impl Writer {
                 }
             }
         }
-        rollup.apply(&tx, self.settings.worker as i32).await?;
+        // Each connection of each worker has its own histogram shard.
+        let shard = (self.settings.worker * self.settings.connections + self.settings.connection) as i32;
+        rollup.apply(&tx, shard).await?;
         insert_dead_letters(&tx, &self.settings.topic, &plan.dead_letters).await?;
         raise_watermarks(&tx, &self.settings.topic, &plan.watermarks).await?;
         if let Some(run) = &self.settings.audit_run {
