@@ -2,6 +2,7 @@
 # Memory under backpressure: the job (2 processes x 2 workers) runs while the loadgen keeps
 # producing; the database is stopped for DOWN seconds (default 60) and started again. Every
 # 5 s it prints each job process's resident memory and its progress, then the peak.
+# DOWN=0 keeps the database up: a soak run of the job at RATE for LENGTH seconds.
 #
 # Needs the local stack (scripts/stack.sh up) and a release build. Uses its own topic and
 # database so it does not disturb the demo's.
@@ -24,7 +25,8 @@ for p in 0 1; do
     --report-interval 5s 2>$logs/job-p$p.log &
   eval "job$p=$!"
 done
-total=$((RATE * (DOWN + 60)))
+LENGTH="${LENGTH:-$((DOWN + 60))}"
+total=$((RATE * LENGTH))
 $bin loadgen --count $total --rate $RATE --servers 5000 >$logs/loadgen.log 2>&1 &
 loadgen=$!
 peak=0
@@ -39,12 +41,14 @@ sample() {
 }
 t=0
 for _ in 1 2 3; do sleep 5; t=$((t + 5)); sample $t; done
-echo "== stopping the database for $DOWN s"
-scripts/timescaledb.sh down
-for _ in $(seq 1 $((DOWN / 5))); do sleep 5; t=$((t + 5)); sample $t; done
-echo "== starting the database"
-scripts/timescaledb.sh up
-wait $loadgen
+if [ "$DOWN" -gt 0 ]; then
+  echo "== stopping the database for $DOWN s"
+  scripts/timescaledb.sh down
+  for _ in $(seq 1 $((DOWN / 5))); do sleep 5; t=$((t + 5)); sample $t; done
+  echo "== starting the database"
+  scripts/timescaledb.sh up
+fi
+while kill -0 $loadgen 2>/dev/null; do sleep 5; t=$((t + 5)); sample $t; done
 for _ in 1 2 3 4 5 6; do sleep 5; t=$((t + 5)); sample $t; done
 kill -TERM $job0 $job1; wait $job0 $job1 || true
 echo "peak resident memory of a job process: $((peak / 1024)) MiB (produced $total records at $RATE/s)"

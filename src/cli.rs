@@ -270,11 +270,12 @@ pub struct RunArgs {
     /// Most rows in one binary COPY batch.
     #[arg(long, env = "FLEETFLOW_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
-    /// Database connections per sink worker. Its key groups are split between them, each
-    /// with its own transactions (and exactly-once watermarks), so the database works on
-    /// one while the worker prepares the next.
-    #[arg(long, env = "FLEETFLOW_SINK_CONNECTIONS", default_value_t = 2)]
-    pub sink_connections: usize,
+    /// Database connections per sink worker [default: 2 for a job of one worker, else 1].
+    /// A worker's key groups are split between them, each with its own transactions (and
+    /// exactly-once watermarks), so the database works on one part while the worker
+    /// prepares the next. More connections in all than the database has cores slow it down.
+    #[arg(long, env = "FLEETFLOW_SINK_CONNECTIONS")]
+    pub sink_connections: Option<usize>,
     /// How often durable offsets are committed (database table and consumer group).
     #[arg(long, env = "FLEETFLOW_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub commit_interval: Duration,

@@ -125,7 +125,7 @@ pub fn timely_config(args: &RunArgs) -> Result<timely::Config, ConfigError> {
     for (value, flag) in [
         (args.epoch_records, "--epoch-records"),
         (args.batch_size, "--batch-size"),
-        (args.sink_connections, "--sink-connections"),
+        (args.sink_connections.unwrap_or(1), "--sink-connections"),
         (args.max_epochs_in_flight as usize, "--max-epochs-in-flight"),
     ] {
         if value == 0 {

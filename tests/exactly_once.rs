@@ -64,8 +64,8 @@ fn restarts_with_another_shape_give_exactly_once() {
     let mut a = Job::start(&stack, "1x1", 1, 1, &[&throttle[..], &["--sink-connections", "1"]].concat());
     stack.wait_for_rows(30_000, Duration::from_secs(120), &mut a);
     a.crash(0, Duration::ZERO);
-    // 2 x 2 (two connections per worker, the default), killed after 80k rows.
-    let mut b = Job::start(&stack, "2x2", 2, 2, &throttle);
+    // 2 x 2 with two connections per worker, killed after 80k rows.
+    let mut b = Job::start(&stack, "2x2", 2, 2, &[&throttle[..], &["--sink-connections", "2"]].concat());
     stack.wait_for_rows(80_000, Duration::from_secs(120), &mut b);
     b.crash(1, Duration::ZERO);
     let at_kill = stack.db.metric_rows();
