@@ -104,7 +104,12 @@ impl<'scope> WriteDurably<'scope> for Stream<'scope, u64, Vec<Envelope>> {
                         let _ = writer.send(EpochWrite { epoch, batches });
                         pending += 1;
                     }
-                    writing.insert(epoch, (cap, pending));
+                    if pending == 0 {
+                        // Nothing to write (timely delivered only empty containers): durable.
+                        output.session(&cap).give(epoch);
+                    } else {
+                        writing.insert(epoch, (cap, pending));
+                    }
                 }
                 // Parts the writers committed: once all of an epoch's parts are, announce it
                 // and release its capability.
