@@ -53,8 +53,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
             signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
             let report = fleetflow::loadgen::produce(&args, &stop)?;
-            println!(
-                "loadgen: sent {} records ({} of them repeats) in {:.2} s ({:.0} records/s); {} acknowledged, {} rejected as invalid, {} failed",
+            out(&format!(
+                "loadgen: sent {} records ({} of them repeats) in {:.2} s ({:.0} records/s); {} acknowledged, {} rejected as invalid, {} failed\n",
                 report.sent,
                 report.duplicates,
                 report.seconds,
@@ -62,14 +62,14 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 report.delivered,
                 report.rejected,
                 report.failed
-            );
+            ))?;
             anyhow::ensure!(report.failed == 0, "{} records were not acknowledged by Kafka", report.failed);
             Ok(())
         }
         Command::Topic(TopicCommand::Create { kafka, partitions, replication }) => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(fleetflow::kafka::admin::create_topic(&kafka, partitions, replication))?;
-            println!("topic {:?} ready on {} ({partitions} partitions)", kafka.topic, kafka.brokers);
+            out(&format!("topic {:?} ready on {} ({partitions} partitions)\n", kafka.topic, kafka.brokers))?;
             Ok(())
         }
         Command::Gateway(args) => {
@@ -79,27 +79,27 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(args) => {
             let output = args.output.clone();
             let report = fleetflow::bench::run(args)?;
-            print!("{}", fleetflow::bench::table(&report));
+            out(&fleetflow::bench::table(&report))?;
             std::fs::write(&output, serde_json::to_string_pretty(&report)?)?;
-            println!("written to {}", output.display());
+            out(&format!("written to {}\n", output.display()))?;
             Ok(())
         }
         Command::Status(args) => {
-            print!("{}", runtime()?.block_on(fleetflow::ops::status(args))?);
+            out(&runtime()?.block_on(fleetflow::ops::status(args))?)?;
             Ok(())
         }
         Command::Check(args) => {
             let (report, ok) = runtime()?.block_on(fleetflow::ops::check(args));
-            print!("{report}");
+            out(&report)?;
             anyhow::ensure!(ok, "some checks failed (see above)");
             Ok(())
         }
         Command::Retention(args) => {
-            println!("{}", runtime()?.block_on(fleetflow::ops::retention(args))?);
+            out(&format!("{}\n", runtime()?.block_on(fleetflow::ops::retention(args))?))?;
             Ok(())
         }
         Command::Query(args) => {
-            print!("{}", runtime()?.block_on(fleetflow::query::run(args))?);
+            out(&runtime()?.block_on(fleetflow::query::run(args))?)?;
             Ok(())
         }
         Command::Migrate(db) => {
@@ -108,9 +108,20 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 let mut client = fleetflow::sink::connect(&db.database_url).await?;
                 fleetflow::sink::schema::migrate(&mut client, &db.database_url).await
             })?;
-            println!("schema at version {version}");
+            out(&format!("schema at version {version}\n"))?;
             Ok(())
         }
+    }
+}
+
+/// Writes a command's output to stdout. A reader that went away (`fleetflow query ... | head`)
+/// ends the command quietly, as it does for other command-line tools.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        result => Ok(result?),
     }
 }
 

@@ -135,6 +135,18 @@ fn silent_servers_and_every_query_subcommand_on_known_data() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("cpu_p95") && out.lines().count() >= 2, "{out}");
 
+    // A reader that goes away (`| head`) ends the command quietly, not with a panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetflow"))
+        .args(["query", "--database-url", &stack.db.url, "fleet", "--since", "1h"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{:?}: {err}", out.status);
+
     let (code, _, err) = query(&stack, &["server", "nobody"]);
     assert_eq!(code, 1);
     assert_eq!(err.trim(), "fleetflow: server \"nobody\" has no data in the last 1h");
