@@ -210,7 +210,13 @@ pub struct KafkaArgs {
 pub struct DatabaseArgs {
     /// PostgreSQL connection string of a database with the timescaledb extension available.
     /// TLS options go in the string (sslmode=...).
-    #[arg(long, env = "FLEETFLOW_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/postgres")]
+    // Global, so `fleetflow query top --database-url ...` works as well as before `top`.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETFLOW_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:55432/postgres"
+    )]
     pub database_url: String,
 }
 

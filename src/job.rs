@@ -78,7 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let guards = timely::execute(timely_config, move |worker| {
         if let Err(e) = run_worker(worker, &ctx) {
             // The other workers cannot finish without this one: stop the process.
-            eprintln!("fleetflow: worker {}: {e:#}", worker.index());
+            eprintln!("fleetflow: worker {}: {}", worker.index(), crate::one_line(&e));
             std::process::exit(1);
         }
     })
@@ -228,7 +228,7 @@ async fn apply_retention(url: String, retain: Duration) {
             Ok(n) => {
                 tracing::info!(dropped_chunks = n, retain = %humantime::format_duration(retain), "retention applied")
             }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention failed; retrying in an hour"),
+            Err(e) => tracing::warn!(error = %crate::one_line(&e), "retention failed; retrying in an hour"),
         }
     }
 }

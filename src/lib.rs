@@ -21,3 +21,24 @@ pub mod stats;
 
 #[path = "../dataflows/mod.rs"]
 pub mod dataflows;
+
+/// An error and its causes as one line for the user, leaving out a cause whose text the line
+/// already holds (our messages and the client libraries' often quote their cause).
+///
+/// ```
+/// let e = anyhow::anyhow!("connection refused").context("cannot reach the database: connection refused");
+/// assert_eq!(fleetflow::one_line(&e), "cannot reach the database: connection refused");
+/// ```
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}

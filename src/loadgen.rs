@@ -149,6 +149,9 @@ pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenR
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return runtime.block_on(produce_http(args, url, stop));
     }
+    // An unreachable broker or a missing topic is one clear line now, not a minute of
+    // unacknowledged sends.
+    crate::kafka::admin::partition_count(&args.kafka)?;
     produce_kafka(args, stop)
 }
 

@@ -25,7 +25,12 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut first = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_owned();
+            // "the following required arguments were not provided:" names them on the next line.
+            if first.ends_with(':') {
+                first = format!("{first} {}", lines.next().unwrap_or_default());
+            }
             eprintln!("fleetflow: {first} (see --help)");
             return ExitCode::from(2);
         }
@@ -39,7 +44,7 @@ fn main() -> ExitCode {
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fleetflow: {e:#}");
+            eprintln!("fleetflow: {}", fleetflow::one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -60,7 +60,13 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<String> {
         ),
     };
     let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-    let rows = client.query(&sql, &params).await?;
+    let rows = client.query(&sql, &params).await.map_err(|e| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+            anyhow::anyhow!("no fleetflow rollups in this database (has the job run against it?)")
+        } else {
+            e.into()
+        }
+    })?;
     let columns: Vec<String> = match rows.first() {
         Some(r) => r.columns().iter().map(|c| c.name().to_owned()).collect(),
         None => {

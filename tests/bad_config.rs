@@ -26,6 +26,8 @@ fn bad_flags_are_one_line() {
     assert!(line.contains("--no-such-flag"), "{line}");
     let line = fails_with_one_line(&["run", "--workers", "many"]);
     assert!(line.contains("many"), "{line}");
+    let line = fails_with_one_line(&["query", "server"]);
+    assert!(line.contains("<SERVER_ID>"), "the missing argument is named: {line}");
     let line = fails_with_one_line(&["run", "--processes", "2", "--process-id", "2", "--hosts", "a:1,b:2"]);
     assert!(line.contains("--process-id 2 is outside --processes 2"), "{line}");
     let dir = test_dir("bad_config_hostfile");
@@ -40,11 +42,19 @@ fn unreachable_broker_and_unknown_topic() {
     let dead = format!("127.0.0.1:{}", free_port());
     let line = fails_with_one_line(&["run", "--brokers", &dead, "--database-url", "postgres://postgres@127.0.0.1:1/x"]);
     assert!(line.contains(&format!("cannot reach Kafka at {dead}")), "{line}");
+    // No cause repeated in the line (client errors quote their own causes).
+    assert_eq!(line.matches("BrokerTransportFailure").count(), 1, "{line}");
+    for command in [&["topic", "create"][..], &["loadgen", "--count", "5"][..]] {
+        let line = fails_with_one_line(&[command, &["--brokers", &dead][..]].concat());
+        assert!(line.contains(&format!("cannot reach Kafka at {dead}")), "{command:?}: {line}");
+    }
 
     let dir = test_dir("bad_config_topic");
     let broker = Broker::start(&dir);
-    let line = fails_with_one_line(&["run", "--brokers", &broker.addr, "--topic", "nope"]);
-    assert!(line.contains("topic \"nope\" does not exist"), "{line}");
+    for command in ["run", "loadgen"] {
+        let line = fails_with_one_line(&[command, "--brokers", &broker.addr, "--topic", "nope"]);
+        assert!(line.contains("topic \"nope\" does not exist"), "{command}: {line}");
+    }
 }
 
 #[test]

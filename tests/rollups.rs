@@ -147,6 +147,15 @@ fn silent_servers_and_every_query_subcommand_on_known_data() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !err.contains("panicked"), "{:?}: {err}", out.status);
 
+    // The database URL may also follow the subcommand; a database without the rollups says so.
+    let empty = common::Database::create("query_empty");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetflow"))
+        .args(["query", "top", "--database-url", &empty.url])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "fleetflow: no fleetflow rollups in this database (has the job run against it?)");
+
     let (code, _, err) = query(&stack, &["server", "nobody"]);
     assert_eq!(code, 1);
     assert_eq!(err.trim(), "fleetflow: server \"nobody\" has no data in the last 1h");

@@ -27,8 +27,12 @@ pub fn partition_count(kafka: &KafkaArgs) -> Result<i32, KafkaError> {
 /// Creates the topic; an existing topic with the same partition count is fine.
 pub async fn create_topic(kafka: &KafkaArgs, partitions: i32, replication: i32) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[]).create()?;
+    // An unreachable broker fails here within the metadata timeout (the admin request alone
+    // would wait a minute and then say less).
+    let metadata = tokio::task::block_in_place(|| admin.inner().fetch_metadata(None, METADATA_TIMEOUT));
+    metadata.map_err(|source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source })?;
     let topic = NewTopic::new(&kafka.topic, partitions, TopicReplication::Fixed(replication));
-    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+    let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT)).request_timeout(Some(METADATA_TIMEOUT));
     let results = admin
         .create_topics([&topic], &options)
         .await
