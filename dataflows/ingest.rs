@@ -90,6 +90,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     let mut commits = Commits::new(committer, ctx.stats.clone());
     let mut idle_since: Option<Instant> = None;
     let mut backpressured_since: Option<Instant> = None;
+    let mut held_back = false;
     let mut last_lag = (Instant::now(), 0i64);
 
     while !ctx.shutdown.load(Ordering::Relaxed) {
@@ -100,7 +101,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
 
         // Read, unless this source is as far ahead of the durable frontier as allowed.
         let may_read = input.time() < &(durable + args.max_epochs_in_flight);
-        ctx.stats.backpressured.store(!may_read, Ordering::Relaxed);
+        ctx.stats.backpressured.set(&mut held_back, !may_read);
         // Held back for a while (the database is slow or away): stop fetching, so librdkafka's
         // prefetch queue does not grow either. Short waits are normal under load; ignore them.
         let held_since = *backpressured_since.get_or_insert_with(Instant::now);
@@ -149,6 +150,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         worker.step_or_park(Some(if read > 0 { Duration::ZERO } else { Duration::from_millis(5) }));
     }
 
+    ctx.stats.backpressured.set(&mut held_back, false);
     // Close the input: the open epoch's records are already in the dataflow and get written.
     if source.in_epoch > 0 {
         source.close_epoch(&mut input);

@@ -167,12 +167,11 @@ fn spawn_reporter(stats: Arc<Stats>, interval: Duration, stop: Arc<AtomicBool>) 
             let read = Stats::get(&stats.records_read);
             let rate = (read - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
             last = (Instant::now(), read);
-            let waiting =
-                match (stats.database_waiting.load(Ordering::Relaxed), stats.backpressured.load(Ordering::Relaxed)) {
-                    (true, _) => " (waiting for the database)",
-                    (false, true) => " (backpressure: the database is behind)",
-                    _ => "",
-                };
+            let waiting = match (stats.database_waiting.any(), stats.backpressured.any()) {
+                (true, _) => " (waiting for the database)",
+                (false, true) => " (backpressure: the database is behind)",
+                _ => "",
+            };
             tracing::info!(
                 records_read = read,
                 rate = format!("{rate:.0}"),

@@ -57,15 +57,11 @@ impl Collector for StatsCollector {
             ("newest_epoch", "Highest epoch a source of this process has opened", newest),
             ("frontier_lag_epochs", "Epochs between the newest and the durable frontier", (newest - durable).max(0)),
             ("consumer_lag", "Messages behind the partition ends, this process's partitions", s.lag.load(Relaxed)),
-            (
-                "backpressured",
-                "1 while a source waits for the database to catch up",
-                s.backpressured.load(Relaxed) as i64,
-            ),
+            ("backpressured", "1 while a source waits for the database to catch up", s.backpressured.any() as i64),
             (
                 "database_waiting",
                 "1 while a writer waits for the database to come back",
-                s.database_waiting.load(Relaxed) as i64,
+                s.database_waiting.any() as i64,
             ),
         ];
         for (name, help, value) in gauges {
@@ -123,11 +119,11 @@ async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> Response {
 async fn healthz(State(endpoint): State<Arc<Endpoint>>) -> Response {
     let s = &endpoint.stats;
     let body = serde_json::json!({
-        "database_waiting": s.database_waiting.load(Relaxed),
-        "backpressured": s.backpressured.load(Relaxed),
+        "database_waiting": s.database_waiting.any(),
+        "backpressured": s.backpressured.any(),
         "durable_epoch": Stats::get(&s.durable_epoch),
         "rows_written": Stats::get(&s.rows_written),
     });
-    let status = if s.database_waiting.load(Relaxed) { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if s.database_waiting.any() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, axum::Json(body)).into_response()
 }

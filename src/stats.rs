@@ -1,7 +1,7 @@
 //! Counters shared by the workers of one process, read by the progress report (and later
 //! the /metrics endpoint). Plain atomics: cheap enough to bump per batch.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -48,10 +48,10 @@ pub struct Stats {
     pub durable_epoch: AtomicU64,
     /// Messages behind the partition ends, summed over this process's partitions.
     pub lag: AtomicI64,
-    /// Some source is held back by the in-flight bound (the database is behind).
-    pub backpressured: AtomicBool,
-    /// Some writer is waiting for the database to come back.
-    pub database_waiting: AtomicBool,
+    /// Sources held back by the in-flight bound (the database is behind).
+    pub backpressured: InState,
+    /// Writers waiting for the database to come back.
+    pub database_waiting: InState,
     /// Highest epoch a source of this process has opened.
     pub newest_epoch: AtomicU64,
     /// Epochs that became durable (counted by each worker as its durable frontier moves).
@@ -82,8 +82,8 @@ impl Default for Stats {
             database_errors: AtomicU64::new(0),
             durable_epoch: AtomicU64::new(0),
             lag: AtomicI64::new(0),
-            backpressured: AtomicBool::new(false),
-            database_waiting: AtomicBool::new(false),
+            backpressured: InState::default(),
+            database_waiting: InState::default(),
             newest_epoch: AtomicU64::new(0),
             epochs_durable: AtomicU64::new(0),
             dead_letters_by_reason: Family::default(),
@@ -132,4 +132,47 @@ pub fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// How many of a process's sources or writers are in some state (held back, waiting). Each
+/// reports its own changes, so one that recovers does not hide another still waiting.
+#[derive(Debug, Default)]
+pub struct InState(AtomicUsize);
+
+impl InState {
+    /// Records that the caller, whose last reported state is `mine`, is now in state `now`.
+    pub fn set(&self, mine: &mut bool, now: bool) {
+        if *mine != now {
+            if now {
+                self.0.fetch_add(1, Relaxed);
+            } else {
+                self.0.fetch_sub(1, Relaxed);
+            }
+            *mine = now;
+        }
+    }
+
+    /// Whether any caller is in the state.
+    pub fn any(&self) -> bool {
+        self.0.load(Relaxed) > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_state_counts_each_caller_once_until_all_have_left() {
+        let waiting = InState::default();
+        let (mut a, mut b) = (false, false);
+        waiting.set(&mut a, true);
+        waiting.set(&mut a, true);
+        waiting.set(&mut b, true);
+        waiting.set(&mut a, false);
+        assert!(waiting.any(), "b still waits");
+        waiting.set(&mut b, false);
+        waiting.set(&mut b, false);
+        assert!(!waiting.any());
+    }
 }

@@ -9,7 +9,6 @@
 //! landed) and retries the same epochs; the dataflow waits meanwhile, which is what
 //! throttles the sources.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures_util::pin_mut;
@@ -85,7 +84,7 @@ pub fn spawn_writer(
 ) -> mpsc::UnboundedSender<EpochWrite> {
     let (tx, mut rx) = mpsc::unbounded_channel::<EpochWrite>();
     runtime.spawn(async move {
-        let mut writer = Writer { settings, stats, client: None, watermarks: FastMap::default() };
+        let mut writer = Writer { settings, stats, client: None, watermarks: FastMap::default(), waiting: false };
         while let Some(first) = rx.recv().await {
             // Epochs that queued up while the last transaction ran go into one transaction.
             let mut group = vec![first];
@@ -115,6 +114,8 @@ struct Writer {
     /// (key group, partition) -> highest offset durably written, for the key groups this
     /// worker owns. Valid only while `client` is: reloaded after every reconnect.
     watermarks: FastMap<(u16, i32), i64>,
+    /// Whether this writer is waiting for the database (see `Stats::database_waiting`).
+    waiting: bool,
 }
 
 /// What a transaction will write once replayed messages are removed.
@@ -140,13 +141,13 @@ impl Writer {
                             attempt,
                             "database is back; write committed"
                         );
-                        self.stats.database_waiting.store(false, Ordering::Relaxed);
+                        self.stats.database_waiting.set(&mut self.waiting, false);
                     }
                     return;
                 }
                 Err(e) => {
                     Stats::add(&self.stats.database_errors, 1);
-                    self.stats.database_waiting.store(true, Ordering::Relaxed);
+                    self.stats.database_waiting.set(&mut self.waiting, true);
                     let level_is_warn = e.is_transient();
                     if level_is_warn {
                         tracing::warn!(worker = self.settings.worker, connection = self.settings.connection, attempt, error = %e, "database unavailable; waiting to write");
