@@ -129,6 +129,20 @@ pub async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
         produce_timeout: args.produce_timeout,
         metrics: GatewayMetrics::new(),
     });
+    // The rate limiter keeps a bucket per serverId it has seen; forget the full ones now and
+    // then, so a stream of ever-new ids cannot grow memory without bound.
+    let forget = Arc::downgrade(&gateway);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let Some(gateway) = forget.upgrade() else { break };
+            if let Some(rate) = &gateway.rate {
+                rate.retain_recent();
+                rate.shrink_to_fit();
+            }
+        }
+    });
     let app = Router::new()
         .route("/v1/metrics", post(post_json))
         .route("/api/v2/write", post(post_line_protocol))
