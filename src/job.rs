@@ -138,10 +138,7 @@ fn spawn_shutdown_watchdog(shutdown: Arc<AtomicBool>, timeout: Duration) {
 fn spawn_connect_watchdog(connected: Arc<AtomicBool>, timeout: Duration) {
     std::thread::spawn(move || {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if connected.load(Ordering::Relaxed) {
-                return;
-            }
+        while !connected.load(Ordering::Relaxed) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         if !connected.load(Ordering::Relaxed) {

@@ -12,12 +12,16 @@ use crate::cli::KafkaArgs;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Maps a client error to "cannot reach Kafka at <brokers>".
+fn unreachable(kafka: &KafkaArgs) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError + '_ {
+    |source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source }
+}
+
 /// The number of partitions of the topic, or a clear error when the broker is unreachable
 /// or the topic does not exist.
 pub fn partition_count(kafka: &KafkaArgs) -> Result<i32, KafkaError> {
     let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
-    let unreachable = |source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source };
-    let metadata = consumer.fetch_metadata(Some(&kafka.topic), METADATA_TIMEOUT).map_err(unreachable)?;
+    let metadata = consumer.fetch_metadata(Some(&kafka.topic), METADATA_TIMEOUT).map_err(unreachable(kafka))?;
     match metadata.topics().iter().find(|t| t.name() == kafka.topic) {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
         _ => Err(KafkaError::UnknownTopic { topic: kafka.topic.clone(), brokers: kafka.brokers.clone() }),
@@ -30,13 +34,10 @@ pub async fn create_topic(kafka: &KafkaArgs, partitions: i32, replication: i32) 
     // An unreachable broker fails here within the metadata timeout (the admin request alone
     // would wait a minute and then say less).
     let metadata = tokio::task::block_in_place(|| admin.inner().fetch_metadata(None, METADATA_TIMEOUT));
-    metadata.map_err(|source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source })?;
+    metadata.map_err(unreachable(kafka))?;
     let topic = NewTopic::new(&kafka.topic, partitions, TopicReplication::Fixed(replication));
     let options = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT)).request_timeout(Some(METADATA_TIMEOUT));
-    let results = admin
-        .create_topics([&topic], &options)
-        .await
-        .map_err(|source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source })?;
+    let results = admin.create_topics([&topic], &options).await.map_err(unreachable(kafka))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -56,8 +57,6 @@ pub async fn create_topic(kafka: &KafkaArgs, partitions: i32, replication: i32) 
 /// The high watermark of one partition: the offset the next produced message will get.
 pub fn end_offset(kafka: &KafkaArgs, partition: i32) -> Result<i64, KafkaError> {
     let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
-    let (_, high) = consumer
-        .fetch_watermarks(&kafka.topic, partition, METADATA_TIMEOUT)
-        .map_err(|source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source })?;
+    let (_, high) = consumer.fetch_watermarks(&kafka.topic, partition, METADATA_TIMEOUT).map_err(unreachable(kafka))?;
     Ok(high)
 }
