@@ -14,7 +14,7 @@
 //! bounds what is buffered (backpressure). A source with nothing to read moves its epoch up
 //! to that bound, so an idle partition never holds the frontier back.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,9 +30,11 @@ use crate::envelope::Envelope;
 use crate::kafka::consumer::{PartitionReader, Polled, StartOffset};
 use crate::partitioning::owned_partitions;
 use crate::record::{decode, now_ms, Limits};
-use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer};
+use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer, CommitterSettings};
 use crate::sink::writer::WriterSettings;
-use crate::stats::{KindLabels, PartitionLabels, Stats};
+use crate::stats::{KindLabels, Stats};
+use super::topic_watch::{check_topic, PartitionWatch, TopicCheck};
+use crate::kafka::watch::{OffsetWatch, TopicReset};
 
 /// Messages taken from Kafka between two steps of the dataflow.
 const POLL_BUDGET: usize = 4096;
@@ -56,8 +58,12 @@ pub struct IngestContext {
 pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()> {
     let (index, peers) = (worker.index(), worker.peers());
     let args = &ctx.args;
+    // First of all: make sure no other copy of the job writes this topic.
+    let generation = agree_on_generation(worker, ctx)?;
+    // Then: do the committed offsets still fit the topic? (a barrier: see topic_watch)
+    let checked = check_topic(worker, ctx, generation)?;
     let partitions = owned_partitions(index, peers, ctx.partitions);
-    let starts = resolve_starts(args, &partitions, &ctx.runtime)?;
+    let starts = resolve_starts(args, &partitions, &ctx.runtime, &checked)?;
     tracing::info!(worker = index, ?partitions, ?starts, "worker starting");
     let mut reader = PartitionReader::open(&args.kafka, &args.group, &starts)?;
 
@@ -75,6 +81,8 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         audit_run: args.audit.then(|| ctx.run_id.clone()),
         natural_key: ctx.natural_key,
         rollups: args.rollups,
+        generation,
+        timeout: args.database_timeout,
     };
     worker.dataflow::<u64, _, _>(|scope| {
         scope
@@ -85,13 +93,21 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     });
 
     let mut source = Source::new(&starts);
-    let committer =
-        Committer::spawn(&ctx.runtime, args.database.database_url.clone(), args.kafka.topic.clone(), ctx.stats.clone());
+    let mut watch = PartitionWatch::new(ctx, index, peers, &partitions, &checked);
+    let committer = Committer::spawn(
+        &ctx.runtime,
+        CommitterSettings {
+            database_url: args.database.database_url.clone(),
+            topic: args.kafka.topic.clone(),
+            generation,
+            timeout: args.database_timeout,
+        },
+        ctx.stats.clone(),
+    );
     let mut commits = Commits::new(committer, ctx.stats.clone());
     let mut idle_since: Option<Instant> = None;
     let mut backpressured_since: Option<Instant> = None;
     let mut held_back = false;
-    let mut last_lag = (Instant::now(), 0i64);
 
     while !ctx.shutdown.load(Ordering::Relaxed) {
         let durable = durable_frontier(&probe);
@@ -109,7 +125,15 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
             backpressured_since = None;
         }
         reader.set_paused(!may_read && held_since.elapsed() > Duration::from_secs(1));
-        let read = if may_read { source.read(&mut reader, &mut input, ctx, args.epoch_records) } else { 0 };
+        if !may_read {
+            watch.held_back(Instant::now());
+        }
+        let read = match may_read {
+            true => source
+                .read(&mut reader, &mut input, ctx, args.epoch_records, &mut watch)
+                .map_err(|reset| anyhow::anyhow!(watch.reset(&reset, ctx)))?,
+            false => 0,
+        };
 
         if source.in_epoch >= args.epoch_records
             || (source.in_epoch > 0 && source.opened.elapsed() >= args.epoch_interval)
@@ -126,16 +150,12 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
             source.opened = Instant::now();
         }
 
-        if last_lag.0.elapsed() >= args.report_interval {
-            if let Some(per_partition) = reader.lag(&source.next_offsets()) {
-                let lag: i64 = per_partition.iter().map(|(_, l)| l).sum();
-                for (partition, behind) in per_partition {
-                    ctx.stats.partition_lag.get_or_create(&PartitionLabels { partition }).set(behind);
-                }
-                ctx.stats.lag.fetch_add(lag - last_lag.1, Ordering::Relaxed);
-                last_lag.1 = lag;
-            }
-            last_lag.0 = Instant::now();
+        // Lag, stalls, retention gaps, resets, added partitions (topic_watch): an error is
+        // the one line the job stops with.
+        watch.tick(&mut reader, &mut source.offsets, ctx).map_err(|line| anyhow::anyhow!(line))?;
+        if source.in_epoch == 0 && source.next_offsets() != source.last_closed {
+            // The position moved past transaction markers: an empty epoch commits that.
+            source.close_epoch(&mut input);
         }
 
         if let Some(wait) = args.exit_when_idle {
@@ -166,7 +186,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         commits.mirror(&reader);
     }
     commits.mirror(&reader);
-    ctx.stats.lag.fetch_sub(last_lag.1, Ordering::Relaxed);
+    watch.finish(ctx);
     if let Ok(mut total) = ctx.stats.latency.lock() {
         let _ = total.add(&commits.latency);
     }
@@ -174,26 +194,75 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     Ok(())
 }
 
+/// Another copy of the job holds the topic (or the database could not say who does).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TopicHeld(pub String);
+
+/// The job's fencing generation, the same in every worker: worker 0 takes the topic (see
+/// `sink::fence`) and broadcasts the outcome, so a job that is refused stops in every
+/// process with the same line, and no process can pick up another job's generation.
+fn agree_on_generation(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<i64> {
+    use timely::dataflow::operators::vec::Broadcast;
+    use timely::dataflow::operators::Inspect;
+    let args = &ctx.args;
+    // (generation, or -1 when another job holds the topic / -2 on any other error, with the
+    // line saying why not)
+    let outcome: Option<(i64, String)> = (worker.index() == 0).then(|| {
+        let holder = crate::sink::fence::describe_holder(&args.group);
+        let url = &args.database.database_url;
+        let acquired =
+            ctx.runtime.block_on(crate::sink::fence::acquire(url, &args.kafka.topic, &holder, args.take_over));
+        match acquired {
+            Ok(generation) => (generation, String::new()),
+            Err(crate::sink::SinkError::Fenced(line)) => (-1, line),
+            Err(e) => (-2, e.to_string()),
+        }
+    });
+    let received = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let seen = received.clone();
+    let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+        let (input, stream) = timely::dataflow::operators::vec::Input::new_input::<(i64, String)>(&scope);
+        let (probe, _) = stream.broadcast().inspect(move |x| *seen.borrow_mut() = Some(x.clone())).probe();
+        (input, probe)
+    });
+    if let Some(outcome) = outcome {
+        input.send(outcome);
+    }
+    drop(input);
+    while !probe.done() {
+        worker.step_or_park(Some(Duration::from_millis(5)));
+    }
+    match received.take() {
+        Some((generation, _)) if generation >= 0 => Ok(generation),
+        Some((-1, line)) => Err(TopicHeld(line).into()),
+        Some((_, line)) => Err(anyhow::anyhow!(line)),
+        None => Err(anyhow::anyhow!("worker 0 announced no fencing generation")),
+    }
+}
+
 /// The least epoch not yet durable everywhere (u64::MAX once the dataflow is complete).
 fn durable_frontier(probe: &ProbeHandle<u64>) -> u64 {
     probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
 }
 
-/// Where each owned partition starts: the committed offset, or `--start` on a first run.
-/// A `latest` start is pinned in the database first, so a crash before the first commit
-/// cannot move it.
+/// Where each owned partition starts: the committed offset (past what retention deleted), or
+/// `--start` on the job's very first run (any other partition without a committed offset
+/// was added to the topic later: earliest). A `latest` start is pinned in the database
+/// first, so a crash before the first commit cannot move it.
 fn resolve_starts(
     args: &RunArgs,
     partitions: &[i32],
     runtime: &tokio::runtime::Handle,
+    checked: &TopicCheck,
 ) -> anyhow::Result<Vec<(i32, StartOffset)>> {
     let (url, topic) = (&args.database.database_url, &args.kafka.topic);
     let committed = runtime.block_on(async { load_offsets(&crate::sink::connect(url).await?, topic).await })?;
     let mut starts = Vec::new();
     let mut to_pin = Vec::new();
     for &p in partitions {
-        let start = match (committed.get(&p), args.start) {
-            (Some(next), _) => StartOffset::At(*next),
+        let start = match (committed.get(&p), checked.start_for_uncommitted(args.start)) {
+            (Some(next), _) => StartOffset::At(checked.resume_at(p, *next)),
             (None, StartFrom::Earliest) => StartOffset::Earliest,
             (None, StartFrom::Latest) => {
                 let end = crate::kafka::admin::end_offset(&args.kafka, p)?;
@@ -222,8 +291,10 @@ fn resolve_starts(
 /// The source side of the worker loop: reads, decodes, stamps with the current epoch.
 struct Source {
     /// Next offset to read per owned partition (known once a message was read or the
-    /// start was an explicit offset).
-    next: BTreeMap<i32, i64>,
+    /// start was an explicit offset), checked against every message (kafka::watch).
+    offsets: OffsetWatch,
+    /// The offsets of the last epoch closed (or the start).
+    last_closed: Vec<(i32, i64)>,
     /// Records in the open epoch, and when its first record arrived.
     in_epoch: usize,
     opened: Instant,
@@ -243,39 +314,50 @@ struct ClosedEpoch {
 
 impl Source {
     fn new(starts: &[(i32, StartOffset)]) -> Self {
-        let next = starts
-            .iter()
-            .filter_map(|(p, s)| match s {
-                StartOffset::At(o) => Some((*p, *o)),
-                _ => None,
-            })
-            .collect();
-        Source { next, in_epoch: 0, opened: Instant::now(), produced_ms: Vec::new(), closed: VecDeque::new() }
+        let mut offsets = OffsetWatch::default();
+        for (p, s) in starts {
+            offsets.add(*p, if let StartOffset::At(o) = s { Some(*o) } else { None });
+        }
+        Source {
+            last_closed: offsets.next_offsets(),
+            offsets,
+            in_epoch: 0,
+            opened: Instant::now(),
+            produced_ms: Vec::new(),
+            closed: VecDeque::new(),
+        }
     }
 
     fn next_offsets(&self) -> Vec<(i32, i64)> {
-        self.next.iter().map(|(p, o)| (*p, *o)).collect()
+        self.offsets.next_offsets()
     }
 
     /// Reads up to the poll budget or the epoch's room; returns how many messages were read.
+    /// A message below its partition's expected offset is not sent: the topic went back
+    /// under the job, and the caller stops.
     fn read(
         &mut self,
         reader: &mut PartitionReader,
         input: &mut InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<Envelope>>>,
         ctx: &IngestContext,
         epoch_records: usize,
-    ) -> usize {
+        watch: &mut PartitionWatch,
+    ) -> Result<usize, TopicReset> {
         let now = now_ms();
+        let arrived = Instant::now();
         let (mut read, mut dead) = (0, 0);
+        let mut error = None;
         while read < POLL_BUDGET && self.in_epoch < epoch_records {
             let message = match reader.poll() {
                 Polled::Message(m) => m,
                 Polled::Nothing => break,
                 Polled::Error(e) => {
-                    tracing::warn!(error = %e, "Kafka read error; librdkafka retries");
+                    error = Some(e);
                     break;
                 }
             };
+            self.offsets.message(message.partition(), message.offset())?;
+            watch.message(message.partition(), arrived);
             let raw = message.payload().unwrap_or_default();
             let time_ms = message.timestamp().to_millis();
             if let Some(t) = time_ms {
@@ -287,7 +369,6 @@ impl Source {
                 ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();
             }
             let envelope = Envelope::new(message.partition(), message.offset(), message.key(), raw, time_ms, decoded);
-            self.next.insert(message.partition(), message.offset() + 1);
             input.send(envelope);
             if self.in_epoch == 0 {
                 self.opened = Instant::now();
@@ -297,7 +378,10 @@ impl Source {
         }
         Stats::add(&ctx.stats.records_read, read as u64);
         Stats::add(&ctx.stats.dead_letters, dead);
-        read
+        if let Some(e) = error {
+            reader.note_error(&e);
+        }
+        Ok(read)
     }
 
     fn close_epoch(
@@ -306,7 +390,8 @@ impl Source {
     ) {
         let epoch = *input.time();
         let produced_ms = std::mem::take(&mut self.produced_ms);
-        self.closed.push_back(ClosedEpoch { epoch, offsets: self.next_offsets(), produced_ms });
+        self.last_closed = self.next_offsets();
+        self.closed.push_back(ClosedEpoch { epoch, offsets: self.last_closed.clone(), produced_ms });
         input.advance_to(epoch + 1);
         self.in_epoch = 0;
     }

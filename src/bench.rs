@@ -38,6 +38,17 @@ pub struct JobRun {
     pub peak_rss_mib_per_process: Vec<f64>,
 }
 
+/// The job (1x2) on a stream of only malformed records, all dead-lettered.
+#[derive(Debug, Serialize)]
+pub struct BadOnlyRun {
+    pub records: u64,
+    pub seconds: f64,
+    pub dead_letters_per_second: f64,
+    /// Against the 1x2 run on good records, when the shapes include 1x2.
+    pub ratio_to_good_1x2: Option<f64>,
+    pub cpu_seconds_per_million: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub records: u64,
@@ -48,6 +59,7 @@ pub struct BenchReport {
     pub database_ceiling_connections: usize,
     pub consumer_settings: Vec<(String, String)>,
     pub jobs: Vec<JobRun>,
+    pub bad_only: BadOnlyRun,
     pub steady_rate_records_per_second: f64,
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
@@ -124,6 +136,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         });
     }
 
+    // A stream of only malformed records: dead letters must not be the bottleneck.
+    let bad_count = (args.records / 2).max(1);
+    eprintln!("bench: job 1x2 on {bad_count} malformed records");
+    let bad_topic = KafkaArgs { topic: format!("{}_bad", kafka.topic), ..kafka.clone() };
+    runtime.block_on(crate::kafka::admin::create_topic(&bad_topic, 4, 1))?;
+    let bad_loadgen = LoadgenArgs { bad_fraction: 1.0, ..loadgen(bad_topic.clone(), bad_count, None, None) };
+    crate::loadgen::produce(&bad_loadgen, &AtomicBool::new(false))?;
+    let db = fresh_database(&runtime, &args.database.database_url, &format!("bench_bad_{stamp}"))?;
+    let finished = run_job(&bad_topic, &db, "1x2", &["--exit-when-idle", "1s"], None)?;
+    let letters: u64 = finished.iter().map(|f| f.dead_letters).sum();
+    if letters != bad_count {
+        bail!("job 1x2 wrote {letters} dead letters, expected {bad_count}");
+    }
+    let seconds = finished.iter().map(|f| f.active_seconds).fold(0.0, f64::max);
+    let bad_rate = letters as f64 / seconds.max(1e-9);
+    let good_1x2 = jobs.iter().find(|j| j.shape == "1x2" && j.flags.is_empty()).map(|j| j.rows_per_second);
+    let bad_only = BadOnlyRun {
+        records: letters,
+        seconds,
+        dead_letters_per_second: bad_rate,
+        ratio_to_good_1x2: good_1x2.map(|g| bad_rate / g),
+        cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds).sum::<f64>() / (letters as f64 / 1e6),
+    };
+
     let (mut steady_rate, mut p50, mut p99) = (0.0, 0, 0);
     if args.latency_seconds > 0 {
         let best = jobs.iter().filter(|j| j.flags.is_empty()).map(|j| j.rows_per_second).fold(0.0, f64::max);
@@ -151,6 +187,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         jobs,
+        bad_only,
         steady_rate_records_per_second: steady_rate,
         latency_p50_ms: p50,
         latency_p99_ms: p99,
@@ -180,6 +217,13 @@ pub fn table(r: &BenchReport) -> String {
             rss.join(" ")
         );
     }
+    let b = &r.bad_only;
+    out += &format!(
+        "1x2    only malformed records  {:>11.0} dead letters/s{} {:>10.2} cpu s/M\n",
+        b.dead_letters_per_second,
+        b.ratio_to_good_1x2.map(|x| format!(", {:.0}% of 1x2 on good records,", x * 100.0)).unwrap_or_default(),
+        b.cpu_seconds_per_million
+    );
     if r.steady_rate_records_per_second > 0.0 {
         out += &format!(
             "\nsteady state 2x2 at {:.0} records/s: produce-to-durable latency p50 {} ms, p99 {} ms\n",
@@ -269,6 +313,7 @@ fn fresh_database(runtime: &tokio::runtime::Runtime, server_url: &str, name: &st
 #[derive(Debug, Default)]
 struct Finished {
     rows: u64,
+    dead_letters: u64,
     active_seconds: f64,
     cpu_seconds: f64,
     peak_rss_mib: f64,
@@ -342,6 +387,7 @@ fn run_job(
         };
         finished.push(Finished {
             rows: field(line, "rows_written").unwrap_or(0),
+            dead_letters: field(line, "dead_letters").unwrap_or(0),
             active_seconds: field(line, "active_seconds").unwrap_or(0.0),
             cpu_seconds: field(line, "cpu_seconds").unwrap_or(0.0),
             peak_rss_mib: field(line, "peak_rss_mib").unwrap_or(0.0),

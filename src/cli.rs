@@ -229,6 +229,14 @@ pub enum StartFrom {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnTopicReset {
+    /// Stop with a line naming the partitions and offsets.
+    Refuse,
+    /// Forget the topic's committed offsets and watermarks; read it from the earliest offset.
+    StartOver,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Dedup {
     /// Exactly-once per Kafka message (watermarks); no unique index.
     None,
@@ -330,6 +338,33 @@ pub struct RunArgs {
     /// fleetflow_audit). Costs a little; meant for tests and investigations.
     #[arg(long, env = "FLEETFLOW_AUDIT")]
     pub audit: bool,
+    /// A write transaction or offset commit that takes longer means the database (or the
+    /// session) hung: it is abandoned and retried on a new connection, and /healthz says so.
+    #[arg(long, env = "FLEETFLOW_DATABASE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub database_timeout: Duration,
+    /// Take the topic from another job that still holds it (one frozen or cut off from its
+    /// peers): its database sessions are ended and its later writes refused. Without this a
+    /// second copy of the job refuses to start.
+    #[arg(long, env = "FLEETFLOW_TAKE_OVER")]
+    pub take_over: bool,
+    /// A partition with messages to read that delivers none (a batch that cannot be decoded,
+    /// an authorization error, a broker that does not serve it) is reported as stalled after
+    /// a quarter of this (at most 30 s), and after this the job stops with one line naming
+    /// it and the last Kafka error. 0s: report, never stop. Time spent held back by
+    /// backpressure does not count.
+    #[arg(long, env = "FLEETFLOW_STALL_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+    /// What to do when the committed offsets do not fit the topic (it was deleted and
+    /// recreated, or truncated: a committed offset beyond a partition's end). `refuse`
+    /// stops with a line naming the partitions; `start-over` forgets the topic's offsets and
+    /// exactly-once watermarks and reads it again from the earliest offset (the rows already
+    /// written stay).
+    #[arg(long, env = "FLEETFLOW_ON_TOPIC_RESET", value_enum, default_value_t = OnTopicReset::Refuse)]
+    pub on_topic_reset: OnTopicReset,
+    /// How often each worker asks the broker for the topic's partition count: partitions
+    /// added to the topic are read from their earliest offset without a restart.
+    #[arg(long, env = "FLEETFLOW_METADATA_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub metadata_interval: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -411,6 +446,17 @@ mod tests {
         assert_eq!(run.exit_when_idle, Some(Duration::from_secs(2)));
         assert_eq!(run.kafka.topic, "metrics");
         assert_eq!(run.epoch_records, 1000);
+        assert_eq!(run.stall_timeout, Duration::from_secs(120));
+        assert_eq!(run.on_topic_reset, OnTopicReset::Refuse);
+        assert_eq!(run.metadata_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn topic_reset_policy_parses() {
+        let cli = Cli::try_parse_from(["fleetflow", "run", "--on-topic-reset", "start-over"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.on_topic_reset, OnTopicReset::StartOver);
+        assert!(Cli::try_parse_from(["fleetflow", "run", "--on-topic-reset", "ignore"]).is_err());
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum ConfigError {
     BadAddress(String),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("--max-message-bytes {0} is above the ceiling of {max} bytes (1 MiB)", max = crate::record::MAX_MESSAGE_BYTES)]
+    MessageBytesAboveCeiling(usize),
     #[error("cannot read --config {path}: {message}")]
     ConfigFile { path: PathBuf, message: String },
     #[error("unknown key `{key}` in {path} (keys are flag names such as epoch-records; librdkafka settings go under [kafka])")]
@@ -127,10 +129,15 @@ pub fn timely_config(args: &RunArgs) -> Result<timely::Config, ConfigError> {
         (args.batch_size, "--batch-size"),
         (args.sink_connections.unwrap_or(1), "--sink-connections"),
         (args.max_epochs_in_flight as usize, "--max-epochs-in-flight"),
+        (args.database_timeout.as_millis().min(1) as usize, "--database-timeout (in milliseconds)"),
+        (args.metadata_interval.as_millis().min(1) as usize, "--metadata-interval (in milliseconds)"),
     ] {
         if value == 0 {
             return Err(ConfigError::Zero(flag));
         }
+    }
+    if args.max_message_bytes > crate::record::MAX_MESSAGE_BYTES {
+        return Err(ConfigError::MessageBytesAboveCeiling(args.max_message_bytes));
     }
     let addresses = cluster_addresses(args)?;
     let communication = if args.processes == 1 {
@@ -211,6 +218,13 @@ mod tests {
         assert!(err.to_string().starts_with("unknown key `workerz` in f.toml"), "{err}");
         let err = parse_config_file(Path::new("f.toml"), "workers = ", &cli).unwrap_err();
         assert!(matches!(err, ConfigError::ConfigFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn max_message_bytes_has_a_ceiling() {
+        assert!(timely_config(&run_args(&["--max-message-bytes", "1048576"])).is_ok());
+        let err = timely_config(&run_args(&["--max-message-bytes", "1048577"])).unwrap_err();
+        assert_eq!(err.to_string(), "--max-message-bytes 1048577 is above the ceiling of 1048576 bytes (1 MiB)");
     }
 
     #[test]

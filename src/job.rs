@@ -78,8 +78,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let guards = timely::execute(timely_config, move |worker| {
         if let Err(e) = run_worker(worker, &ctx) {
             // The other workers cannot finish without this one: stop the process.
-            eprintln!("fleetflow: worker {}: {}", worker.index(), crate::one_line(&e));
-            std::process::exit(1);
+            let code = if e.is::<crate::dataflows::ingest::TopicHeld>() { crate::EXIT_FENCED } else { 1 };
+            crate::exit_fatal(code, &format!("worker {}: {}", worker.index(), crate::one_line(&e)));
         }
     })
     .map_err(|e| anyhow::anyhow!("cannot start the timely workers: {e}"))?;

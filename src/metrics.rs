@@ -27,7 +27,7 @@ struct StatsCollector(Arc<Stats>);
 impl Collector for StatsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 10] = [
             ("records_read", "Messages taken from Kafka", Stats::get(&s.records_read)),
             ("rows_written", "Metric rows committed to TimescaleDB", Stats::get(&s.rows_written)),
             ("dead_letters_written", "Dead letters committed to TimescaleDB", Stats::get(&s.dead_letters_written)),
@@ -35,6 +35,11 @@ impl Collector for StatsCollector {
                 "replayed_skipped",
                 "Replayed messages dropped by the exactly-once watermarks",
                 Stats::get(&s.replayed_skipped),
+            ),
+            (
+                "rejected_by_database",
+                "Records that passed validation but the database refused (dead-lettered with its reason)",
+                Stats::get(&s.rejected_by_database),
             ),
             ("natural_key_duplicates", "Rows dropped by --dedup natural-key", Stats::get(&s.natural_key_duplicates)),
             ("transactions", "Write transactions (batches of epochs) committed", Stats::get(&s.transactions)),
@@ -52,7 +57,7 @@ impl Collector for StatsCollector {
         }
         let durable = Stats::get(&s.durable_epoch) as i64;
         let newest = Stats::get(&s.newest_epoch) as i64;
-        let gauges: [(&str, &str, i64); 6] = [
+        let gauges: [(&str, &str, i64); 7] = [
             ("durable_epoch", "Highest epoch durable everywhere", durable),
             ("newest_epoch", "Highest epoch a source of this process has opened", newest),
             ("frontier_lag_epochs", "Epochs between the newest and the durable frontier", (newest - durable).max(0)),
@@ -62,6 +67,11 @@ impl Collector for StatsCollector {
                 "database_waiting",
                 "1 while a writer waits for the database to come back",
                 s.database_waiting.any() as i64,
+            ),
+            (
+                "database_not_answering",
+                "1 while a writer's database session has stopped answering (--database-timeout)",
+                s.database_not_answering.any() as i64,
             ),
         ];
         for (name, help, value) in gauges {
@@ -78,6 +88,17 @@ pub fn registry(stats: &Arc<Stats>) -> Registry {
     registry.register_collector(Box::new(StatsCollector(stats.clone())));
     registry.register("dead_letters", "Messages that failed decoding, by reason", stats.dead_letters_by_reason.clone());
     registry.register("partition_lag", "Messages behind the end of each partition", stats.partition_lag.clone());
+    registry.register(
+        "partition_stalls",
+        "Times a partition was found stalled: messages to read, none delivered (see --stall-timeout)",
+        stats.partition_stalls.clone(),
+    );
+    registry.register("partition_stalled", "1 while a partition is stalled", stats.partition_stalled.clone());
+    registry.register(
+        "skipped_offsets",
+        "Offsets deleted by retention before the job read them, per partition",
+        stats.skipped_offsets.clone(),
+    );
     registry.register(
         "copy_seconds",
         "Duration of write transactions (COPY + bookkeeping + commit)",
@@ -115,15 +136,24 @@ async fn metrics(State(endpoint): State<Arc<Endpoint>>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
 }
 
-/// 200 while the job can write; 503 while it waits for the database.
+/// 200 while the job can write; 503 while it waits for the database (down, or not
+/// answering within `--database-timeout`) or a partition is stalled.
 async fn healthz(State(endpoint): State<Arc<Endpoint>>) -> Response {
     let s = &endpoint.stats;
+    // Partitions that have messages to read and deliver none (kafka::watch), with the reason.
+    let stalled: Vec<serde_json::Value> = s
+        .stalled
+        .lock()
+        .map(|m| m.iter().map(|(p, why)| serde_json::json!({"partition": p, "reason": why})).collect())
+        .unwrap_or_default();
     let body = serde_json::json!({
         "database_waiting": s.database_waiting.any(),
+        "database_not_answering": s.database_not_answering.any(),
         "backpressured": s.backpressured.any(),
         "durable_epoch": Stats::get(&s.durable_epoch),
         "rows_written": Stats::get(&s.rows_written),
+        "stalled_partitions": stalled,
     });
-    let status = if s.database_waiting.any() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if s.database_waiting.any() || !stalled.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, axum::Json(body)).into_response()
 }

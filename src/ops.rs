@@ -1,6 +1,7 @@
 //! Operations commands: `status` (where the job stands), `check` (is this configuration
 //! usable), `retention` (drop old raw data).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,35 +24,98 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<String> {
         .await
         .context("no fleetflow schema in this database (has the job run against it?)")?;
     let kafka = args.kafka.clone();
-    let partitions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    let ends = tokio::task::spawn_blocking(move || {
-        partitions.iter().map(|p| crate::kafka::admin::end_offset(&kafka, *p).ok()).collect::<Vec<_>>()
+    let committed: BTreeMap<i32, (i64, chrono::DateTime<chrono::Utc>, f64)> =
+        rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3)))).collect();
+    // Every partition the topic has now (added ones included) and every one with an offset.
+    let known: Vec<i32> = committed.keys().copied().collect();
+    let (count, marks) = tokio::task::spawn_blocking(move || {
+        let count = crate::kafka::admin::partition_count(&kafka).ok();
+        let mut partitions: BTreeSet<i32> = known.into_iter().collect();
+        partitions.extend(0..count.unwrap_or(0));
+        let marks: BTreeMap<i32, Option<(i64, i64)>> = partitions
+            .into_iter()
+            .map(|p| (p, crate::kafka::admin::watermarks(&kafka, &[p]).ok().map(|m| (m[0].1, m[0].2))))
+            .collect();
+        (count, marks)
     })
     .await?;
+    // Partition events (schema 4; absent from a database the job has not migrated yet).
+    let skipped = crate::sink::events::skipped(&client, topic).await.unwrap_or_default();
+    let events = crate::sink::events::recent(&client, topic, 10).await.unwrap_or_default();
 
-    let mut out = format!("topic {topic} on {}, database {}\n\n", args.kafka.brokers, describe_target(url));
-    out += &format!("{:>9}  {:>12}  {:>12}  {:>10}  {}\n", "partition", "committed", "end", "lag", "last commit");
+    let mut out = format!("topic {topic} on {}, database {}\n", args.kafka.brokers, describe_target(url));
+    // Which job holds the topic (see sink::fence), and whether it is running now.
+    let holder = client
+        .query_opt(
+            "SELECT j.generation, j.holder, to_char(j.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
+                    EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+                            AND l.classid = $2 AND l.objid = hashtext($1)::oid AND l.objsubid = 2)
+             FROM fleetflow_jobs j WHERE j.topic = $1",
+            &[topic, &(crate::sink::fence::LOCK_CLASS as u32)],
+        )
+        .await
+        .ok()
+        .flatten();
+    out += &match holder {
+        Some(r) => format!(
+            "held by: {} (generation {}, started {}){}\n\n",
+            r.get::<_, String>(1),
+            r.get::<_, i64>(0),
+            r.get::<_, String>(2),
+            if r.get::<_, bool>(3) { ", running" } else { ", not running now" }
+        ),
+        None => "held by: no job yet\n\n".into(),
+    };
+    out += &format!(
+        "{:>9}  {:>12}  {:>12}  {:>12}  {:>10}  {:>10}  {}\n",
+        "partition", "start", "committed", "end", "lag", "skipped", "last commit"
+    );
     let mut total_lag = Some(0i64);
-    for (row, end) in rows.iter().zip(&ends) {
-        let (partition, next, at, age): (i32, i64, chrono::DateTime<chrono::Utc>, f64) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        let lag = end.map(|e| (e - next).max(0));
-        total_lag = total_lag.zip(lag).map(|(a, b)| a + b);
+    let mut notes = Vec::new();
+    for (partition, mark) in &marks {
+        let line = partition_line(*partition, committed.get(partition), *mark, count);
+        total_lag = total_lag.zip(line.lag).map(|(a, b)| a + b);
+        notes.extend(line.note);
+        let last = committed.get(partition).map_or("-".into(), |(_, at, age)| {
+            format!(
+                "{} ({} ago)",
+                at.format("%Y-%m-%d %H:%M:%S UTC"),
+                humantime::format_duration(Duration::from_secs(age.max(0.0) as u64))
+            )
+        });
+        let show = |v: Option<i64>| v.map_or("?".to_owned(), |v| v.to_string());
         out += &format!(
-            "{partition:>9}  {next:>12}  {:>12}  {:>10}  {} ({} ago)\n",
-            end.map_or("?".into(), |e| e.to_string()),
-            lag.map_or("?".into(), |l| l.to_string()),
-            at.format("%Y-%m-%d %H:%M:%S UTC"),
-            humantime::format_duration(Duration::from_secs(age.max(0.0) as u64)),
+            "{partition:>9}  {:>12}  {:>12}  {:>12}  {:>10}  {:>10}  {last}\n",
+            show(mark.map(|m| m.0)),
+            committed.get(partition).map_or("-".to_owned(), |c| c.0.to_string()),
+            show(mark.map(|m| m.1)),
+            show(line.lag),
+            skipped.get(partition).copied().unwrap_or(0),
         );
     }
-    if rows.is_empty() {
+    if committed.is_empty() {
         out += "        (nothing committed yet)\n";
     }
     out += &format!(
         "\ntotal lag: {}\n",
         total_lag.map_or("unknown (Kafka unreachable)".into(), |l| format!("{l} messages"))
     );
+    for note in notes {
+        out += &format!("note: {note}\n");
+    }
+    if !events.is_empty() {
+        out += "partition events (newest first):\n";
+        for e in &events {
+            let range = e.range.map_or(String::new(), |(from, to)| format!(" offsets {from}..{to}"));
+            out += &format!(
+                "  {}  partition {}  {}{range}: {}\n",
+                e.at.format("%Y-%m-%d %H:%M:%S UTC"),
+                e.partition,
+                e.kind,
+                e.detail
+            );
+        }
+    }
     let dead = client
         .query(
             "SELECT kind, count(*) FROM fleetflow_dead_letters WHERE topic = $1 GROUP BY kind ORDER BY 2 DESC",
@@ -179,4 +243,71 @@ pub async fn drop_old_chunks(url: &str, older_than: Duration) -> anyhow::Result<
 pub async fn retention(args: RetentionArgs) -> anyhow::Result<String> {
     let dropped = drop_old_chunks(&args.database.database_url, args.older_than).await?;
     Ok(format!("dropped {dropped} chunk(s) of metrics older than {}", humantime::format_duration(args.older_than)))
+}
+
+/// One partition's row in `status`: its lag and what an operator should know about it.
+#[derive(Debug, PartialEq, Eq)]
+struct PartitionLine {
+    lag: Option<i64>,
+    note: Option<String>,
+}
+
+/// Compares a partition's committed offset (if any) with its watermarks (if Kafka answered)
+/// and the topic's partition count now.
+fn partition_line(
+    partition: i32,
+    committed: Option<&(i64, chrono::DateTime<chrono::Utc>, f64)>,
+    marks: Option<(i64, i64)>,
+    count: Option<i32>,
+) -> PartitionLine {
+    use crate::kafka::watch::{check_start, StartCheck};
+    let Some((low, high)) = marks else {
+        let note = count.filter(|c| partition >= *c).map(|c| {
+            format!("partition {partition} has committed offsets but the topic has only {c} partitions now (recreated?); the job refuses to start (see --on-topic-reset)")
+        });
+        return PartitionLine { lag: None, note };
+    };
+    match committed.map(|c| c.0) {
+        None => PartitionLine {
+            lag: Some(high - low),
+            note: Some(format!("partition {partition} has no committed offset yet (new, or added to the topic): the job reads it from its earliest offset {low}")),
+        },
+        Some(next) => match check_start(next, low, high) {
+            StartCheck::Fine => PartitionLine { lag: Some(high - next), note: None },
+            StartCheck::Gap { from, to } => PartitionLine {
+                lag: Some(high - low),
+                note: Some(format!("partition {partition}: retention deleted offsets {from} to {} ({} messages) before the job read them; the job skips them and counts them", to - 1, to - from)),
+            },
+            StartCheck::BeyondEnd { committed, end } => PartitionLine {
+                lag: None,
+                note: Some(format!("partition {partition} ends at {end}, below the committed offset {committed}: the topic was deleted and recreated, or truncated; the job refuses to start until run with --on-topic-reset start-over")),
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(next: i64) -> (i64, chrono::DateTime<chrono::Utc>, f64) {
+        (next, chrono::Utc::now(), 0.0)
+    }
+
+    #[test]
+    fn status_names_gaps_resets_and_unread_partitions() {
+        assert_eq!(partition_line(0, Some(&at(90)), Some((0, 100)), Some(4)), PartitionLine { lag: Some(10), note: None });
+        let gap = partition_line(1, Some(&at(10)), Some((500, 600)), Some(4));
+        assert_eq!(gap.lag, Some(100));
+        assert!(gap.note.unwrap().contains("retention deleted offsets 10 to 499 (490 messages)"));
+        let reset = partition_line(2, Some(&at(5000)), Some((0, 12)), Some(4));
+        assert_eq!(reset.lag, None);
+        assert!(reset.note.unwrap().contains("--on-topic-reset start-over"));
+        let added = partition_line(5, None, Some((0, 40)), Some(6));
+        assert_eq!(added.lag, Some(40));
+        assert!(added.note.unwrap().contains("earliest offset 0"));
+        let gone = partition_line(7, Some(&at(3)), None, Some(4));
+        assert!(gone.note.unwrap().contains("only 4 partitions"));
+        assert_eq!(partition_line(1, Some(&at(3)), None, None), PartitionLine { lag: None, note: None });
+    }
 }

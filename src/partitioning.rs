@@ -24,13 +24,43 @@ pub fn key_group(server_id: &[u8]) -> u16 {
     (h.finish() % KEY_GROUPS as u64) as u16
 }
 
-/// The key group of a message that could not be decoded: its key when it has one (so it
-/// follows the server it claims to come from), else its partition.
-pub fn dead_letter_key_group(key: Option<&[u8]>, partition: i32) -> u16 {
+/// The key group of a message, valid or not: a pure function of its key, its value and its
+/// partition, so a message keeps its key group in every run whatever the clock, the limits
+/// (`--max-age`, `--max-message-bytes`, ...) or the code's verdict on it. That is what the
+/// watermarks need: the offsets of one (key group, partition) are written in order by one
+/// writer, and a replayed message is checked against the watermark of the key group it was
+/// first written under.
+///
+/// - a non-empty Kafka key: the key group of the key;
+/// - else, when the value is a JSON object with a string `serverId` (see
+///   [`crate::record::body_server_id`]: at most [`crate::record::MAX_MESSAGE_BYTES`] bytes, no
+///   limits, no clock): the key group of that serverId;
+/// - else the partition (so keyless garbage spreads like the partitions do).
+///
+/// A valid record's key group is always the key group of its serverId (its key, when it has
+/// one, equals its serverId; without a key, `body_server_id` finds the serverId decode kept),
+/// so the job computes it from the decoded record and parses again only for dead letters.
+///
+/// ```
+/// use fleetflow::partitioning::{key_group, message_key_group};
+/// let body = br#"{"serverId":"s17","cpu":"high"}"#;
+/// assert_eq!(message_key_group(None, body, 3), key_group(b"s17"));
+/// assert_eq!(message_key_group(Some(b"s17"), b"garbage", 3), key_group(b"s17"));
+/// assert_eq!(message_key_group(None, b"garbage", 3), 3);
+/// ```
+pub fn message_key_group(key: Option<&[u8]>, value: &[u8], partition: i32) -> u16 {
     match key {
         Some(k) if !k.is_empty() => key_group(k),
-        _ => (partition.rem_euclid(KEY_GROUPS as i32)) as u16,
+        _ => match crate::record::body_server_id(value) {
+            Some(server_id) => key_group(server_id.as_bytes()),
+            None => partition_key_group(partition),
+        },
     }
+}
+
+/// The key group of a message that names no server at all: its partition's.
+fn partition_key_group(partition: i32) -> u16 {
+    partition.rem_euclid(KEY_GROUPS as i32) as u16
 }
 
 /// The worker (global index among `workers`) that writes a key group.
@@ -95,10 +125,23 @@ mod tests {
     }
 
     #[test]
-    fn dead_letters_without_key_spread_by_partition() {
-        assert_eq!(dead_letter_key_group(None, 3), 3);
-        assert_eq!(dead_letter_key_group(Some(b""), 300), 44);
-        assert_eq!(dead_letter_key_group(Some(b"s17"), 3), key_group(b"s17"));
+    fn messages_route_by_key_then_body_server_id_then_partition() {
+        assert_eq!(message_key_group(None, b"not json", 3), 3);
+        assert_eq!(message_key_group(Some(b""), b"[1]", 300), 44);
+        assert_eq!(message_key_group(Some(b"s17"), b"not json", 3), key_group(b"s17"));
+        // The key wins over the body (a valid record has both equal anyway).
+        assert_eq!(message_key_group(Some(b"s17"), br#"{"serverId":"s1"}"#, 3), key_group(b"s17"));
+        // Keyless (or empty key): the body's serverId, whatever else the body gets wrong.
+        for body in
+            [&br#"{"serverId":"s1","cpu":1}"#[..], br#"{"serverId":"s1","ts":1}"#, br#"{"cpu":"x","serverId":"s1"}"#]
+        {
+            assert_eq!(message_key_group(None, body, 3), key_group(b"s1"));
+            assert_eq!(message_key_group(Some(b""), body, 3), key_group(b"s1"));
+        }
+        // No string serverId: the partition.
+        assert_eq!(message_key_group(None, br#"{"serverId":17,"cpu":1}"#, 5), 5);
+        assert_eq!(message_key_group(None, br#"{"cpu":1}"#, 5), 5);
+        assert_eq!(message_key_group(None, br#"{"serverId":"s1""#, 5), 5);
     }
 
     #[test]

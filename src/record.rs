@@ -3,7 +3,25 @@
 //! The gateway and the job share this module, so a record the gateway accepts is exactly a
 //! record the job writes, and a record the job dead-letters carries the same reason the
 //! gateway would have given.
+//!
+//! # What PostgreSQL can store
+//!
+//! A record the decoder accepts must be one the database accepts, or the job would retry
+//! its transaction forever. From valid JSON in valid UTF-8, the one thing `text` and `jsonb`
+//! refuse is the NUL character: JSON can carry it as the escape `\u0000`, PostgreSQL text
+//! cannot hold it, and jsonb refuses `\u0000` in keys and strings. So a NUL in the serverId
+//! or in the name of an extra numeric field (a key of the `extra` jsonb column) is refused as
+//! `unstorable_text`. (A NUL in an ignored field, such as a tag, harms nothing and is
+//! accepted. Lone UTF-16 surrogates such as `\ud800` are refused by the JSON parser itself,
+//! as `malformed_json`; every other code point is storable.) Times are also kept within
+//! years 1 to 9999 ([`EARLIEST_TIME_US`], [`LATEST_TIME_US`]) whatever `--max-age` and
+//! `--max-future` say, and the `extra` column is bounded: at most [`MAX_EXTRA_FIELDS`]
+//! fields, names of at most [`MAX_FIELD_NAME_BYTES`] bytes.
+//!
+//! Reasons quote input only escaped (`{:?}`) and clipped, so a reason is always storable
+//! text of bounded size.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -12,6 +30,32 @@ use serde::{Deserialize, Serialize};
 
 /// Longest serverId accepted, in bytes.
 pub const MAX_SERVER_ID_BYTES: usize = 256;
+
+/// Most extra numeric fields (other than cpu and ram) a record may carry; they become the keys
+/// of its `extra` jsonb value. Counted as they arrive (a repeated name counts each time).
+pub const MAX_EXTRA_FIELDS: usize = 64;
+
+/// Longest name of an extra numeric field, in bytes.
+pub const MAX_FIELD_NAME_BYTES: usize = 128;
+
+/// Ceiling of `--max-message-bytes` (1 MiB, Kafka's default largest message): a larger
+/// configured limit is refused at start, and [`decode`] never accepts a larger message
+/// whatever [`Limits::max_bytes`] says. Fixed for good, like the number of key groups:
+/// keyless messages are routed by the serverId [`body_server_id`] finds in bodies up to
+/// this size, and every valid record must lie within it, so that its key group is the one
+/// that routing finds (see `partitioning::message_key_group`).
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Earliest record time accepted whatever `--max-age` says, 0001-01-01T00:00:00Z, in
+/// microseconds since the Unix epoch: RFC 3339 cannot write an earlier year, and
+/// PostgreSQL, TimescaleDB and chrono all hold every time from here to [`LATEST_TIME_US`].
+pub const EARLIEST_TIME_US: i64 = -62_135_596_800_000_000;
+
+/// Latest record time accepted whatever `--max-future` says, 9999-12-31T23:59:59.999999Z.
+pub const LATEST_TIME_US: i64 = 253_402_300_799_999_999;
+
+/// How much of an input string a reason quotes (longer ones are clipped with `…`).
+const QUOTE_BYTES: usize = 64;
 
 /// One decoded, validated metric report.
 ///
@@ -59,6 +103,13 @@ pub enum DecodeError {
     MissingTimestamp,
     #[error("message key {key:?} disagrees with the body's serverId {body:?}")]
     KeyMismatch { key: String, body: String },
+    /// Text PostgreSQL cannot store (a NUL character): `what` names the place.
+    #[error("{what} {text:?} contains a NUL character (U+0000), which PostgreSQL text and jsonb cannot store")]
+    UnstorableText { what: &'static str, text: String },
+    #[error("record has {0} extra numeric fields; the limit is {MAX_EXTRA_FIELDS}")]
+    TooManyFields(usize),
+    #[error("field name {name:?} is {length} bytes long; the limit is {MAX_FIELD_NAME_BYTES}")]
+    FieldNameTooLong { name: String, length: usize },
 }
 
 impl DecodeError {
@@ -79,12 +130,16 @@ impl DecodeError {
             DecodeError::TimestampOutOfBounds { .. } => "timestamp_out_of_bounds",
             DecodeError::MissingTimestamp => "missing_timestamp",
             DecodeError::KeyMismatch { .. } => "key_mismatch",
+            DecodeError::UnstorableText { .. } => "unstorable_text",
+            DecodeError::TooManyFields(_) => "too_many_fields",
+            DecodeError::FieldNameTooLong { .. } => "field_name_too_long",
         }
     }
 }
 
 /// Bounds a record must respect. The defaults accept a year of back-fill and ten minutes
-/// of clock skew into the future.
+/// of clock skew into the future. `max_bytes` above [`MAX_MESSAGE_BYTES`] counts as
+/// [`MAX_MESSAGE_BYTES`].
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_bytes: usize,
@@ -108,6 +163,10 @@ impl Default for Limits {
 /// `fallback_time_ms` is the Kafka message timestamp, used when the body has no `ts`;
 /// `now_ms` anchors the timestamp window.
 ///
+/// Every string the result holds is storable text (no NUL), every time lies between
+/// [`EARLIEST_TIME_US`] and [`LATEST_TIME_US`], and `extra` holds at most
+/// [`MAX_EXTRA_FIELDS`] names of at most [`MAX_FIELD_NAME_BYTES`] bytes.
+///
 /// ```
 /// use fleetflow::record::{decode, Limits};
 /// let m = decode(br#"{"serverId":"s17","cpu":45,"ram":60,"disk":3.5}"#, Some(b"s17"),
@@ -123,21 +182,120 @@ pub fn decode(
     now_ms: i64,
     limits: &Limits,
 ) -> Result<Metric, DecodeError> {
-    if value.len() > limits.max_bytes {
-        return Err(DecodeError::TooLarge(value.len(), limits.max_bytes));
+    let max_bytes = limits.max_bytes.min(MAX_MESSAGE_BYTES);
+    if value.len() > max_bytes {
+        return Err(DecodeError::TooLarge(value.len(), max_bytes));
     }
     let text = std::str::from_utf8(value).map_err(|_| DecodeError::InvalidUtf8)?;
     let raw: RawRecord = serde_json::from_str(text).map_err(|e| {
         if e.to_string().starts_with("number out of range") {
             DecodeError::NonFinite(format!("a number ({e})"))
-        } else if serde_json::from_str::<IgnoredAny>(text).is_ok() {
-            // Valid JSON that our visitor refused: only a non-object gets here.
+        } else if e.classify() == serde_json::error::Category::Data {
+            // A type our visitors refused: only a non-object gets here (field values accept
+            // any type). Syntax errors, lone surrogates included, are malformed JSON.
             DecodeError::NotAnObject
         } else {
             DecodeError::MalformedJson(e.to_string())
         }
     })?;
     raw.validate(key, fallback_time_ms, now_ms, limits)
+}
+
+/// The serverId a message body names, for routing: the value of the object's last
+/// `serverId` member when that value is a string, for a body of at most
+/// [`MAX_MESSAGE_BYTES`] bytes of UTF-8 holding one JSON object; else `None`.
+///
+/// A pure function of the bytes (no limits, no clock), so a message gets the same answer in
+/// every run. For every message [`decode`] accepts without a key it returns the decoded
+/// serverId (decode also keeps the last `serverId`, and rejects larger messages).
+///
+/// ```
+/// use fleetflow::record::body_server_id;
+/// assert_eq!(body_server_id(br#"{"serverId":"s17","cpu":"high"}"#).as_deref(), Some("s17"));
+/// assert_eq!(body_server_id(br#"{"serverId":7}"#), None);
+/// assert_eq!(body_server_id(b"not json"), None);
+/// ```
+pub fn body_server_id(value: &[u8]) -> Option<Cow<'_, str>> {
+    if value.len() > MAX_MESSAGE_BYTES {
+        return None;
+    }
+    let text = std::str::from_utf8(value).ok()?;
+    serde_json::from_str::<ServerIdOnly>(text).ok()?.0
+}
+
+/// A JSON object seen only for its `serverId` (other values are skipped, not built).
+struct ServerIdOnly<'a>(Option<Cow<'a, str>>);
+
+/// A string (borrowed from the input when it has no escapes), or `None` for any other value.
+struct MaybeStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de> Deserialize<'de> for MaybeStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaybeStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Owned(v))))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MaybeStr(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(MaybeStr(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerIdOnly<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ServerIdOnly<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut id = None;
+                while let Some(MaybeStr(key)) = map.next_key::<MaybeStr<'de>>()? {
+                    if key.as_deref() == Some("serverId") {
+                        id = map.next_value::<MaybeStr<'de>>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(ServerIdOnly(id))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// A field value as seen by the visitor, before validation.
@@ -206,7 +364,10 @@ struct RawRecord {
     cpu: Option<FieldValue>,
     ram: Option<FieldValue>,
     time: Option<FieldValue>,
+    /// The first [`MAX_EXTRA_FIELDS`] extra numbers (a record with more is refused anyway).
     extra: Vec<(String, f64)>,
+    /// How many extra numbers the object held.
+    extra_fields: usize,
 }
 
 impl<'de> Deserialize<'de> for RawRecord {
@@ -229,7 +390,10 @@ impl<'de> Deserialize<'de> for RawRecord {
                         // Other numbers are kept; other types (tags, notes) are ignored.
                         _ => {
                             if let FieldValue::Number(n) = value {
-                                r.extra.push((key.into_owned(), n));
+                                r.extra_fields += 1;
+                                if r.extra.len() < MAX_EXTRA_FIELDS {
+                                    r.extra.push((key.into_owned(), n));
+                                }
                             }
                         }
                     }
@@ -260,17 +424,29 @@ impl RawRecord {
         if server_id.len() > MAX_SERVER_ID_BYTES {
             return Err(DecodeError::ServerIdTooLong(server_id.len()));
         }
+        if server_id.contains('\0') {
+            return Err(DecodeError::UnstorableText { what: "serverId", text: server_id });
+        }
         if let Some(key) = key {
             if key != server_id.as_bytes() {
                 return Err(DecodeError::KeyMismatch {
-                    key: String::from_utf8_lossy(key).into_owned(),
+                    key: clip(&String::from_utf8_lossy(key), MAX_SERVER_ID_BYTES),
                     body: server_id,
                 });
             }
         }
         let cpu = number_field("cpu", self.cpu)?;
         let ram = number_field("ram", self.ram)?;
+        if self.extra_fields > MAX_EXTRA_FIELDS {
+            return Err(DecodeError::TooManyFields(self.extra_fields));
+        }
         for (name, v) in &self.extra {
+            if name.len() > MAX_FIELD_NAME_BYTES {
+                return Err(DecodeError::FieldNameTooLong { name: clip(name, QUOTE_BYTES), length: name.len() });
+            }
+            if name.contains('\0') {
+                return Err(DecodeError::UnstorableText { what: "field name", text: name.clone() });
+            }
             if !v.is_finite() {
                 return Err(DecodeError::NonFinite(name.clone()));
             }
@@ -282,10 +458,10 @@ impl RawRecord {
             Some(FieldValue::Number(ms)) if ms.is_finite() => (ms * 1000.0).round() as i64,
             Some(FieldValue::Number(_)) => return Err(DecodeError::NonFinite("ts".into())),
             Some(FieldValue::Text(s)) => chrono::DateTime::parse_from_rfc3339(&s)
-                .map_err(|e| DecodeError::BadTimestamp(format!("{s:?} is not RFC 3339 ({e})")))?
+                .map_err(|e| DecodeError::BadTimestamp(format!("{:?} is not RFC 3339 ({e})", clip(&s, QUOTE_BYTES))))?
                 .timestamp_micros(),
             Some(other) => return Err(wrong_type("ts", "RFC 3339 text or epoch milliseconds", &other)),
-            None => fallback_time_ms.ok_or(DecodeError::MissingTimestamp)? * 1000,
+            None => fallback_time_ms.ok_or(DecodeError::MissingTimestamp)?.saturating_mul(1000),
         };
         check_time_window(time_us, now_ms, limits)?;
         Ok(Metric { server_id, time_us, cpu, ram, extra: self.extra })
@@ -305,7 +481,25 @@ fn number_field(name: &str, v: Option<FieldValue>) -> Result<Option<f64>, Decode
     }
 }
 
+/// At most `max` bytes of `s` (cut at a character boundary), with `…` when clipped.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 fn check_time_window(time_us: i64, now_ms: i64, limits: &Limits) -> Result<(), DecodeError> {
+    if !(EARLIEST_TIME_US..=LATEST_TIME_US).contains(&time_us) {
+        return Err(DecodeError::TimestampOutOfBounds {
+            time: format_micros(time_us),
+            window: "years 1 to 9999, what RFC 3339 and PostgreSQL both hold".to_owned(),
+        });
+    }
     let now_us = now_ms.saturating_mul(1000);
     let earliest = now_us.saturating_sub(limits.max_age.as_micros() as i64);
     let latest = now_us.saturating_add(limits.max_future.as_micros() as i64);
@@ -412,6 +606,123 @@ mod tests {
     }
 
     #[test]
+    fn what_postgresql_cannot_store_is_refused_with_its_reason() {
+        let err = dec(r#"{"serverId":"p\u0000x","cpu":1}"#).unwrap_err();
+        assert_eq!(err.kind(), "unstorable_text");
+        assert_eq!(
+            err.to_string(),
+            r#"serverId "p\0x" contains a NUL character (U+0000), which PostgreSQL text and jsonb cannot store"#
+        );
+        let err = dec(r#"{"serverId":"a","cpu":1,"d\u0000isk":3}"#).unwrap_err();
+        assert_eq!(err.kind(), "unstorable_text");
+        assert!(err.to_string().starts_with(r#"field name "d\0isk" contains a NUL"#), "{err}");
+        // The key is checked after the serverId: a keyed message gets the same reason.
+        let err = decode(b"{\"serverId\":\"p\\u0000x\",\"cpu\":1}", Some(b"p\0x"), Some(NOW), NOW, &Limits::default());
+        assert_eq!(err.unwrap_err().kind(), "unstorable_text");
+        // Ignored fields are not stored, so a NUL there harms nothing.
+        assert!(dec(r#"{"serverId":"a","cpu":1,"host":"w\u0000b","t\u0000ag":"x"}"#).is_ok());
+        // Lone surrogates never get this far: the JSON parser refuses them; pairs are fine.
+        for json in [
+            r#"{"serverId":"\ud800","cpu":1}"#,
+            r#"{"serverId":"a\udc00","cpu":1}"#,
+            r#"{"serverId":"a","\ud800x":1}"#,
+            r#"{"serverId":"a","cpu":1,"\udfff":2}"#,
+        ] {
+            assert_eq!(dec(json).unwrap_err().kind(), "malformed_json", "{json}");
+        }
+        let m = dec(r#"{"serverId":"\ud83d\ude00","cpu":1,"\u00e9t\u00e9":2}"#).unwrap();
+        assert_eq!(m.server_id, "\u{1F600}");
+        assert_eq!(m.extra, vec![("\u{e9}t\u{e9}".to_string(), 2.0)]);
+    }
+
+    #[test]
+    fn extra_fields_are_bounded_in_number_and_name_length() {
+        let record = |n: usize, name_len: usize| {
+            let fields: Vec<String> = (0..n).map(|i| format!(r#""{}{i:03}":{i}"#, "f".repeat(name_len - 3))).collect();
+            format!(r#"{{"serverId":"a","cpu":1,"ram":2,"ts":{NOW},"tag":"x",{}}}"#, fields.join(","))
+        };
+        assert_eq!(dec(&record(MAX_EXTRA_FIELDS, 8)).unwrap().extra.len(), MAX_EXTRA_FIELDS);
+        let err = dec(&record(MAX_EXTRA_FIELDS + 1, 8)).unwrap_err();
+        assert_eq!(err.kind(), "too_many_fields");
+        assert_eq!(err.to_string(), "record has 65 extra numeric fields; the limit is 64");
+        let err = dec(&record(4_000, 4)).unwrap_err();
+        assert_eq!(err.to_string(), "record has 4000 extra numeric fields; the limit is 64");
+
+        assert!(dec(&record(1, MAX_FIELD_NAME_BYTES)).is_ok());
+        let err = dec(&record(1, MAX_FIELD_NAME_BYTES + 1)).unwrap_err();
+        assert_eq!(err.kind(), "field_name_too_long");
+        let long = format!("{}…", "f".repeat(QUOTE_BYTES));
+        assert_eq!(err.to_string(), format!("field name {long:?} is 129 bytes long; the limit is 128"));
+        // A long name of an ignored (non-numeric) field is not stored, so not limited.
+        assert!(dec(&format!(r#"{{"serverId":"a","cpu":1,"{}":"x"}}"#, "n".repeat(1000))).is_ok());
+    }
+
+    #[test]
+    fn times_stay_storable_whatever_the_window() {
+        let wide = Limits {
+            max_age: Duration::from_secs(1 << 40),
+            max_future: Duration::from_secs(1 << 40),
+            ..Limits::default()
+        };
+        let at =
+            |ts: &str| decode(format!(r#"{{"serverId":"a","cpu":1,"ts":{ts}}}"#).as_bytes(), None, None, NOW, &wide);
+        assert!(at(r#""0001-01-01T00:00:00Z""#).is_ok());
+        assert!(at(r#""9999-12-31T23:59:59.999999Z""#).is_ok());
+        assert_eq!(at("-62135596800000").unwrap().time_us, EARLIEST_TIME_US);
+        for ts in ["-62135596800001", "253402300800000", "1e300", "-1e300", r#""0001-01-01T00:00:00+01:00""#] {
+            assert_eq!(at(ts).unwrap_err().kind(), "timestamp_out_of_bounds", "{ts}");
+        }
+        // A Kafka timestamp far out (or absurd) is refused, not overflowed.
+        let far = decode(br#"{"serverId":"a","cpu":1}"#, None, Some(i64::MAX), NOW, &wide);
+        assert_eq!(far.unwrap_err().kind(), "timestamp_out_of_bounds");
+    }
+
+    #[test]
+    fn max_bytes_never_exceeds_the_ceiling() {
+        let huge = Limits { max_bytes: 64 * MAX_MESSAGE_BYTES, ..Limits::default() };
+        let body = format!(r#"{{"serverId":"a","cpu":1,"pad":"{}"}}"#, "y".repeat(MAX_MESSAGE_BYTES));
+        let err = decode(body.as_bytes(), None, Some(NOW), NOW, &huge).unwrap_err();
+        assert_eq!(err, DecodeError::TooLarge(body.len(), MAX_MESSAGE_BYTES));
+        let fits = format!(r#"{{"serverId":"a","cpu":1,"pad":"{}"}}"#, "y".repeat(MAX_MESSAGE_BYTES - 100));
+        assert!(decode(fits.as_bytes(), None, Some(NOW), NOW, &huge).is_ok());
+    }
+
+    #[test]
+    fn reasons_quote_input_clipped() {
+        let key = "k".repeat(1_000_000);
+        let err = decode(br#"{"serverId":"s1","cpu":1}"#, Some(key.as_bytes()), Some(NOW), NOW, &Limits::default());
+        let reason = err.unwrap_err().to_string();
+        assert!(reason.len() < 400, "{} bytes", reason.len());
+        assert!(reason.contains("kkk…"), "{reason}");
+        let ts = r"\u00e9".repeat(10_000);
+        let reason = dec(&format!(r#"{{"serverId":"a","cpu":1,"ts":"{ts}"}}"#)).unwrap_err().to_string();
+        assert!(reason.len() < 400 && reason.contains("éé…"), "{reason}");
+    }
+
+    #[test]
+    fn body_server_id_is_what_decode_keeps() {
+        let id = |json: &str| body_server_id(json.as_bytes()).map(Cow::into_owned);
+        assert_eq!(id(r#"{"serverId":"s1","cpu":1}"#).as_deref(), Some("s1"));
+        // The last serverId wins, as in decode.
+        let dup = r#"{"serverId":"s1","cpu":1,"serverId":"s2"}"#;
+        assert_eq!(id(dup).as_deref(), Some("s2"));
+        assert_eq!(dec(dup).unwrap().server_id, "s2");
+        assert_eq!(id(r#"{"serverId":"s1","serverId":7}"#), None);
+        // Escapes are decoded, in the key and the value.
+        assert_eq!(id(r#"{"server\u0049d":"s\u0031","cpu":1}"#).as_deref(), Some("s1"));
+        assert_eq!(dec(r#"{"server\u0049d":"s\u0031","cpu":1}"#).unwrap().server_id, "s1");
+        // Whatever else is wrong with the record, and whatever the limits or the clock.
+        assert_eq!(id(r#"{"serverId":"s1","cpu":"high","ts":1,"x":{"serverId":"no"}}"#).as_deref(), Some("s1"));
+        assert_eq!(id(r#"{"serverId":"p\u0000x"}"#).as_deref(), Some("p\0x"));
+        for json in ["", "[]", "42", r#""s1""#, r#"{"serverId":"s1""#, r#"{"serverId":"s1"} x"#, r#"{"cpu":1}"#] {
+            assert_eq!(id(json), None, "{json}");
+        }
+        assert_eq!(body_server_id(b"{\"serverId\":\"s1\",\"x\":\"\xff\"}"), None);
+        let big = format!(r#"{{"serverId":"s1","pad":"{}"}}"#, "y".repeat(MAX_MESSAGE_BYTES));
+        assert_eq!(id(&big), None);
+    }
+
+    #[test]
     fn null_metric_is_absent() {
         let m = dec(r#"{"serverId":"a","cpu":null,"ram":3}"#).unwrap();
         assert_eq!((m.cpu, m.ram), (None, Some(3.0)));
@@ -448,6 +759,48 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&bytes, None, Some(NOW), NOW, &Limits::default());
+            let _ = body_server_id(&bytes);
+        }
+
+        /// Any strings as serverId, field names and tags: decode refuses the record or keeps
+        /// only storable text, and its reason is storable, bounded text.
+        #[test]
+        fn accepted_records_hold_only_storable_text(
+            id in proptest::string::string_regex("(.|\u{0}){0,40}").unwrap(),
+            names in proptest::collection::vec(proptest::string::string_regex("(.|\u{0}){0,150}").unwrap(), 0..4),
+            tag in ".*",
+            key in prop_oneof![
+                2 => Just(None),
+                1 => Just(Some(Vec::new())),
+                1 => proptest::collection::vec(any::<u8>(), 0..300).prop_map(Some),
+            ],
+            fallback in prop_oneof![3 => Just(Some(NOW)), 1 => proptest::option::of(any::<i64>())],
+            same_key in any::<bool>(),
+        ) {
+            // Often a key equal to the serverId, so that keyed records get accepted too.
+            let key = if same_key && key.is_some() { Some(id.as_bytes().to_vec()) } else { key };
+            let mut obj = serde_json::json!({"serverId": id, "tag": tag});
+            for (i, name) in names.iter().enumerate() {
+                obj[name] = (i as f64).into();
+            }
+            let text = obj.to_string();
+            match decode(text.as_bytes(), key.as_deref(), fallback, NOW, &Limits::default()) {
+                Ok(m) => {
+                    prop_assert!(!m.server_id.contains('\0'));
+                    prop_assert!(m.extra.iter().all(|(n, _)| !n.contains('\0') && n.len() <= MAX_FIELD_NAME_BYTES));
+                    prop_assert!((EARLIEST_TIME_US..=LATEST_TIME_US).contains(&m.time_us));
+                    if key.is_none() {
+                        let routed = body_server_id(text.as_bytes());
+                        prop_assert_eq!(routed.as_deref(), Some(m.server_id.as_str()));
+                    }
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    prop_assert!(!reason.contains('\0'), "{:?}", reason);
+                    // Quotes are clipped; escaping can grow them at most sixfold.
+                    prop_assert!(reason.len() < 4096, "{} bytes", reason.len());
+                }
+            }
         }
     }
 }

@@ -52,6 +52,11 @@ pub struct Stats {
     pub backpressured: InState,
     /// Writers waiting for the database to come back.
     pub database_waiting: InState,
+    /// Writers whose database stopped answering within `--database-timeout` (a hung server
+    /// or session), until their next write commits.
+    pub database_not_answering: InState,
+    /// Records that passed validation but that the database refused (dead-lettered).
+    pub rejected_by_database: AtomicU64,
     /// Highest epoch a source of this process has opened.
     pub newest_epoch: AtomicU64,
     /// Epochs that became durable (counted by each worker as its durable frontier moves).
@@ -60,6 +65,14 @@ pub struct Stats {
     pub dead_letters_by_reason: Family<KindLabels, Counter>,
     /// Messages behind the end, per partition.
     pub partition_lag: Family<PartitionLabels, Gauge>,
+    /// Times a partition was found stalled (messages to read, none delivered).
+    pub partition_stalls: Family<PartitionLabels, Counter>,
+    /// 1 while a partition is stalled.
+    pub partition_stalled: Family<PartitionLabels, Gauge>,
+    /// Why each stalled partition of this process is stalled, for /healthz.
+    pub stalled: std::sync::Mutex<std::collections::BTreeMap<i32, String>>,
+    /// Offsets deleted by retention before the job read them, per partition.
+    pub skipped_offsets: Family<PartitionLabels, Counter>,
     /// Write transaction durations.
     pub copy_seconds: Histogram,
     /// Produce-to-durable latency (ms) of every record, merged from the workers at exit.
@@ -84,10 +97,16 @@ impl Default for Stats {
             lag: AtomicI64::new(0),
             backpressured: InState::default(),
             database_waiting: InState::default(),
+            database_not_answering: InState::default(),
+            rejected_by_database: AtomicU64::new(0),
             newest_epoch: AtomicU64::new(0),
             epochs_durable: AtomicU64::new(0),
             dead_letters_by_reason: Family::default(),
             partition_lag: Family::default(),
+            partition_stalls: Family::default(),
+            partition_stalled: Family::default(),
+            stalled: Default::default(),
+            skipped_offsets: Family::default(),
             copy_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             latency: std::sync::Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),

@@ -1,5 +1,7 @@
 //! Promise 3: every kind of malformed message lands in fleetflow_dead_letters exactly once,
-//! with its position, raw bytes and reason, while the good records around it are written.
+//! with its position, raw bytes (the first 4 KiB, with the length and SHA-256 of all of them)
+//! and reason, while the good records around it are written. Promise 6: that includes what
+//! PostgreSQL could not store (a NUL in a serverId or a field name), which once halted the job.
 
 mod common;
 
@@ -7,6 +9,7 @@ use std::time::Duration;
 
 use common::{Job, Stack};
 use rdkafka::producer::{BaseRecord, Producer};
+use sha2::Digest;
 
 /// (key, value, expected dead-letter kind or None for a good record)
 type TestMessage = (Option<Vec<u8>>, Vec<u8>, Option<&'static str>);
@@ -22,6 +25,9 @@ fn messages(now_ms: i64) -> Vec<TestMessage> {
     // 1 MB: over the job's 64 KiB limit, under the broker's own 1 MiB limit.
     let huge = format!(r#"{{"serverId":"big","cpu":1,"pad":"{}"}}"#, "y".repeat(1_000_000 - 35)).into_bytes();
     assert_eq!(huge.len(), 1_000_000);
+    let fields: Vec<String> = (0..65).map(|i| format!(r#""f{i}":{i}"#)).collect();
+    let too_many_fields = format!(r#"{{"serverId":"n5","cpu":1,{}}}"#, fields.join(","));
+    let long_field_name = format!(r#"{{"serverId":"n6","cpu":1,"{}":1}}"#, "f".repeat(129));
     let bad_cases = vec![
         bad("m1", br#"{"serverId":"m1","cpu":"#, "malformed_json"),
         bad("m2", b"[1,2,3]", "not_an_object"),
@@ -45,6 +51,14 @@ fn messages(now_ms: i64) -> Vec<TestMessage> {
         bad("m12", b"{\"serverId\":\"m12\xff\",\"cpu\":1}", "invalid_utf8"),
         bad("someone-else", br#"{"serverId":"m13","cpu":1}"#, "key_mismatch"),
         (None, b"not json at all".to_vec(), Some("malformed_json")),
+        // What PostgreSQL cannot store: a NUL in the serverId (keyed and keyless) or in the
+        // name of an extra field (a jsonb key).
+        (Some(b"n1\0x".to_vec()), br#"{"serverId":"n1\u0000x","cpu":1}"#.to_vec(), Some("unstorable_text")),
+        (None, br#"{"serverId":"n2\u0000","cpu":1,"ram":2}"#.to_vec(), Some("unstorable_text")),
+        bad("n3", br#"{"serverId":"n3","cpu":1,"d\u0000isk":2}"#, "unstorable_text"),
+        (None, br#"{"serverId":"n4","\u0000":2}"#.to_vec(), Some("unstorable_text")),
+        bad("n5", too_many_fields.as_bytes(), "too_many_fields"),
+        bad("n6", long_field_name.as_bytes(), "field_name_too_long"),
     ];
     let mut all = Vec::new();
     for (i, b) in bad_cases.into_iter().enumerate() {
@@ -98,22 +112,48 @@ fn every_kind_of_bad_message_is_dead_lettered_once_and_the_rest_lands() {
     let rows = rt.block_on(async {
         let client = fleetflow::sink::connect(&db.url).await.unwrap();
         client
-            .query("SELECT kind, reason, raw, key FROM fleetflow_dead_letters ORDER BY partition, \"offset\"", &[])
+            .query(
+                "SELECT kind, reason, raw, raw_length, raw_sha256 FROM fleetflow_dead_letters \
+                 ORDER BY partition, \"offset\"",
+                &[],
+            )
             .await
             .unwrap()
     });
-    let mut got: Vec<(String, Vec<u8>)> =
-        rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(2))).collect();
+    type Letter = (String, Vec<u8>, Option<i64>, Option<Vec<u8>>);
+    let mut got: Vec<Letter> = rows.iter().map(|r| (r.get(0), r.get(2), r.get(3), r.get(4))).collect();
     for row in &rows {
-        assert!(!row.get::<_, String>(1).is_empty(), "every dead letter has a reason");
+        let (kind, reason) = (row.get::<_, String>(0), row.get::<_, String>(1));
+        assert!(!reason.is_empty(), "every dead letter has a reason");
+        if kind == "unstorable_text" {
+            assert!(reason.contains("contains a NUL character (U+0000)"), "{reason}");
+        }
     }
-    let mut want: Vec<(String, Vec<u8>)> =
-        messages.iter().filter(|m| m.2.is_some()).map(|m| (m.2.unwrap().to_owned(), m.1.clone())).collect();
+    // The first 4 KiB of the raw bytes are kept, with the length and hash of all of them.
+    let keep = fleetflow::envelope::DEAD_LETTER_RAW_BYTES;
+    let mut want: Vec<Letter> = messages
+        .iter()
+        .filter(|m| m.2.is_some())
+        .map(|m| {
+            let sha = sha2::Sha256::digest(&m.1).to_vec();
+            (m.2.unwrap().to_owned(), m.1[..m.1.len().min(keep)].to_vec(), Some(m.1.len() as i64), Some(sha))
+        })
+        .collect();
     got.sort();
     want.sort();
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g.0, w.0, "dead-letter kind");
-        assert!(g.1 == w.1, "raw bytes of a {} dead letter are kept whole", g.0);
+        assert!(g.1 == w.1, "raw bytes of a {} dead letter: the first {keep} bytes are kept", g.0);
+        assert_eq!((g.2, &g.3), (w.2, &w.3), "length and SHA-256 of a {} dead letter", g.0);
     }
+    let (length, raw_kept): (i64, i32) = rt.block_on(async {
+        let client = fleetflow::sink::connect(&db.url).await.unwrap();
+        let row = client
+            .query_one("SELECT raw_length, length(raw) FROM fleetflow_dead_letters WHERE kind = 'too_large'", &[])
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    });
+    assert_eq!((length, raw_kept), (1_000_000, keep as i32), "a 1 MB message keeps 4 KiB, and its length");
 }

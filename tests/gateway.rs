@@ -69,6 +69,26 @@ fn gateway_validates_limits_and_acknowledges_only_what_kafka_has() {
     assert!(rejected[1]["reason"].as_str().unwrap().starts_with("malformed JSON"), "{}", r.body);
     acknowledged += 2;
 
+    // What PostgreSQL cannot store (a NUL in the serverId or in a field name, a jsonb key) is
+    // refused with the decoder's reason; the valid record beside it goes through.
+    let ts = fleetflow::record::now_ms() - 1000;
+    let nul_id = format!(r#"{{"serverId":"p\u0000x","cpu":1,"ts":{ts}}}"#);
+    let nul_field = format!(r#"{{"serverId":"p2","cpu":1,"d\u0000isk":3,"ts":{ts}}}"#);
+    let r = post(&api, &format!("{nul_id}\n{}\n{nul_field}\n", record("b3", 3.0)));
+    assert_eq!((r.status, r.body["accepted"].as_u64()), (400, Some(1)), "{}", r.body);
+    let rejected = r.body["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 2, "{}", r.body);
+    assert_eq!((&rejected[0]["index"], &rejected[1]["index"]), (&Value::from(0), &Value::from(2)));
+    assert_eq!(
+        rejected[0]["reason"],
+        r#"serverId "p\0x" contains a NUL character (U+0000), which PostgreSQL text and jsonb cannot store"#
+    );
+    assert_eq!(
+        rejected[1]["reason"],
+        r#"field name "d\0isk" contains a NUL character (U+0000), which PostgreSQL text and jsonb cannot store"#
+    );
+    acknowledged += 1;
+
     // Size limit.
     let big = format!("[{}]", vec![record("c", 1.0); 400].join(","));
     assert!(big.len() > 20_000);
@@ -97,6 +117,7 @@ fn gateway_validates_limits_and_acknowledges_only_what_kafka_has() {
         "{metrics}"
     );
     assert!(metrics.contains("fleetflow_gateway_rejections_total{reason=\"empty_server_id\"} 1"), "{metrics}");
+    assert!(metrics.contains("fleetflow_gateway_rejections_total{reason=\"unstorable_text\"} 2"), "{metrics}");
     assert!(metrics.contains("fleetflow_gateway_produce_latency_seconds_count"), "{metrics}");
 
     // Exactly what was acknowledged is in Kafka.

@@ -60,3 +60,17 @@ pub fn end_offset(kafka: &KafkaArgs, partition: i32) -> Result<i64, KafkaError> 
     let (_, high) = consumer.fetch_watermarks(&kafka.topic, partition, METADATA_TIMEOUT).map_err(unreachable(kafka))?;
     Ok(high)
 }
+
+/// The low and high watermarks of each partition: the first offset still stored, and the
+/// offset the next produced message will get.
+pub fn watermarks(kafka: &KafkaArgs, partitions: &[i32]) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
+    let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
+    partitions
+        .iter()
+        .map(|p| {
+            let (low, high) =
+                consumer.fetch_watermarks(&kafka.topic, *p, METADATA_TIMEOUT).map_err(unreachable(kafka))?;
+            Ok((*p, low, high))
+        })
+        .collect()
+}

@@ -4,11 +4,17 @@
 //! No group rebalancing happens inside the job (partition ownership is a pure function of
 //! the worker count), and nothing is ever committed or stored automatically: librdkafka's
 //! auto-store would otherwise commit messages it fetched but nobody made durable.
+//!
+//! The reader also keeps what the job needs to explain a partition that cannot be read: the
+//! last error librdkafka reported (poll errors do not say which partition they are about).
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError as RdError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -34,9 +40,16 @@ pub enum Polled<'a> {
     Message(BorrowedMessage<'a>),
     /// Nothing available right now.
     Nothing,
-    /// A transient error (broker down, ...); librdkafka retries by itself.
+    /// An error (broker down, a batch that cannot be decoded, ...); librdkafka retries by
+    /// itself. The reader remembers it (see [`PartitionReader::last_error`]).
     Error(RdError),
 }
+
+/// How long a broker may take to answer a watermark or metadata query of the worker loop.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The same error is logged again at most this often.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Reads the partitions one worker owns.
 pub struct PartitionReader {
@@ -45,6 +58,8 @@ pub struct PartitionReader {
     partitions: Vec<i32>,
     at_end: Vec<bool>,
     paused: bool,
+    /// The last poll error logged, and when (the same error is not logged on every poll).
+    logged: Option<(String, Instant)>,
 }
 
 impl PartitionReader {
@@ -55,22 +70,20 @@ impl PartitionReader {
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("enable.partition.eof", "true"),
-            // A committed offset that retention deleted: start at what is left.
+            // A committed offset that retention deleted: start at what is left (the job
+            // counts the gap, kafka::watch). An offset beyond the end (a recreated topic)
+            // also lands at the start; the job notices the step back and stops.
             ("auto.offset.reset", "earliest"),
+            // Transactional producers: records of aborted transactions are never delivered,
+            // and open transactions are waited for. This is librdkafka's default; it is set
+            // here so that a -X override is a visible decision, not an accident. The
+            // consumer's position moves past the commit markers, so lag reaches 0.
+            ("isolation.level", "read_committed"),
         ];
         settings.extend_from_slice(CONSUMER_TUNING);
         let consumer: BaseConsumer<ReaderContext> =
-            client_config(kafka, &settings).create_with_context(ReaderContext)?;
-        let mut assignment = TopicPartitionList::new();
-        for (partition, start) in starts {
-            let offset = match start {
-                StartOffset::At(o) => Offset::Offset(*o),
-                StartOffset::Earliest => Offset::Beginning,
-                StartOffset::Latest => Offset::End,
-            };
-            assignment.add_partition_offset(&kafka.topic, *partition, offset)?;
-        }
-        consumer.assign(&assignment)?;
+            client_config(kafka, &settings).create_with_context(ReaderContext::default())?;
+        consumer.assign(&assignment_of(&kafka.topic, starts)?)?;
         let partitions: Vec<i32> = starts.iter().map(|(p, _)| *p).collect();
         Ok(PartitionReader {
             consumer,
@@ -78,7 +91,75 @@ impl PartitionReader {
             at_end: vec![false; partitions.len()],
             partitions,
             paused: false,
+            logged: None,
         })
+    }
+
+    /// Starts reading more partitions (added to the topic while the job runs), without
+    /// touching the ones already assigned.
+    pub fn add_partitions(&mut self, starts: &[(i32, StartOffset)]) -> Result<(), RdError> {
+        let starts: Vec<(i32, StartOffset)> =
+            starts.iter().filter(|(p, _)| !self.partitions.contains(p)).copied().collect();
+        if starts.is_empty() {
+            return Ok(());
+        }
+        let assignment = assignment_of(&self.topic, &starts)?;
+        self.consumer.incremental_assign(&assignment)?;
+        if self.paused {
+            self.consumer.pause(&assignment)?;
+        }
+        for (partition, _) in starts {
+            self.partitions.push(partition);
+            self.at_end.push(false);
+        }
+        Ok(())
+    }
+
+    /// The topic's partition count as the broker reports it now.
+    pub fn partition_count(&self) -> Result<i32, RdError> {
+        let metadata = self.consumer.fetch_metadata(Some(&self.topic), QUERY_TIMEOUT)?;
+        match metadata.topics().iter().find(|t| t.name() == self.topic) {
+            Some(t) if t.error().is_none() => Ok(t.partitions().len() as i32),
+            Some(t) => Err(RdError::MetadataFetch(t.error().map(Into::into).unwrap_or(RDKafkaErrorCode::Fail))),
+            None => Err(RdError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)),
+        }
+    }
+
+    /// The low and high watermarks of a partition: the first offset still stored and the
+    /// offset the next message will get (for read_committed, the last stable offset).
+    pub fn watermarks(&self, partition: i32) -> Result<(i64, i64), RdError> {
+        self.consumer.fetch_watermarks(&self.topic, partition, QUERY_TIMEOUT)
+    }
+
+    /// The consumer's position per partition, where known: the offset after the last message
+    /// or control record (transaction marker) delivered.
+    pub fn positions(&self) -> Vec<(i32, i64)> {
+        let Ok(list) = self.consumer.position() else { return Vec::new() };
+        list.elements_for_topic(&self.topic)
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Notes a poll error: remembered for [`PartitionReader::last_error`], logged when it is
+    /// new or every 30 s (a partition that cannot be read fails on every fetch).
+    pub fn note_error(&mut self, error: &RdError) {
+        let text = error.to_string();
+        self.consumer.context().remember(&text);
+        let repeat = self.logged.as_ref().is_some_and(|(t, at)| *t == text && at.elapsed() < ERROR_LOG_INTERVAL);
+        if !repeat {
+            tracing::warn!(error = %text, "Kafka read error; librdkafka retries");
+            self.logged = Some((text, Instant::now()));
+        }
+    }
+
+    /// The last error librdkafka reported to this reader (a poll error, a client error or
+    /// a warning it logged), and how long ago.
+    pub fn last_error(&self) -> Option<(String, Duration)> {
+        self.consumer.context().last()
     }
 
     /// The partitions this reader owns.
@@ -132,17 +213,6 @@ impl PartitionReader {
         self.at_end.iter().all(|e| *e)
     }
 
-    /// Messages between `next_offsets` and each partition's end (asks the broker).
-    pub fn lag(&self, next_offsets: &[(i32, i64)]) -> Option<Vec<(i32, i64)>> {
-        next_offsets
-            .iter()
-            .map(|(partition, next)| {
-                let (_, high) = self.consumer.fetch_watermarks(&self.topic, *partition, Duration::from_secs(1)).ok()?;
-                Some((*partition, (high - next).max(0)))
-            })
-            .collect()
-    }
-
     /// The high watermark (offset of the next message to be produced) of a partition.
     pub fn end_offset(&self, partition: i32) -> Result<i64, RdError> {
         self.consumer.fetch_watermarks(&self.topic, partition, Duration::from_secs(10)).map(|(_, high)| high)
@@ -163,13 +233,52 @@ impl PartitionReader {
     }
 }
 
+/// The assignment list for `starts`.
+fn assignment_of(topic: &str, starts: &[(i32, StartOffset)]) -> Result<TopicPartitionList, RdError> {
+    let mut assignment = TopicPartitionList::new();
+    for (partition, start) in starts {
+        let offset = match start {
+            StartOffset::At(o) => Offset::Offset(*o),
+            StartOffset::Earliest => Offset::Beginning,
+            StartOffset::Latest => Offset::End,
+        };
+        assignment.add_partition_offset(topic, *partition, offset)?;
+    }
+    Ok(assignment)
+}
+
 /// Client context of the job's consumers: partition-end events are expected (we ask for
-/// them to detect idleness), so they are not logged as errors.
-pub struct ReaderContext;
+/// them to detect idleness), so they are not logged as errors. Remembers the last error or
+/// warning, for the line that names a partition that cannot be read.
+#[derive(Default)]
+pub struct ReaderContext {
+    last: Mutex<Option<(String, Instant)>>,
+}
+
+impl ReaderContext {
+    fn remember(&self, text: &str) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((text.to_owned(), Instant::now()));
+        }
+    }
+
+    fn last(&self) -> Option<(String, Duration)> {
+        let last = self.last.lock().ok()?;
+        last.as_ref().map(|(text, at)| (text.clone(), at.elapsed()))
+    }
+}
 
 impl rdkafka::ClientContext for ReaderContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if (level as i32) <= RDKafkaLogLevel::Warning as i32 {
+            self.remember(&format!("{fac}: {message}"));
+            tracing::debug!(facility = fac, message, "librdkafka warning");
+        }
+    }
+
     fn error(&self, error: RdError, reason: &str) {
-        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            self.remember(&format!("{error}: {reason}"));
             tracing::warn!(error = %error, reason, "Kafka client error");
         }
     }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod consumer;
 pub mod producer;
+pub mod watch;
 
 use rdkafka::ClientConfig;
 
@@ -32,4 +33,23 @@ pub fn client_config(kafka: &KafkaArgs, defaults: &[(&str, &str)]) -> ClientConf
         config.set(k, v);
     }
     config
+}
+
+/// The compression codecs this build of librdkafka can decode, as it reports them.
+pub fn codecs() -> Vec<&'static str> {
+    let features = ClientConfig::new()
+        .create_native_config()
+        .and_then(|c| c.get("builtin.features"))
+        .unwrap_or_default();
+    let features: Vec<&str> = features.split(',').map(str::trim).collect();
+    ["gzip", "snappy", "lz4", "zstd"].into_iter().filter(|codec| features.contains(codec)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_codec_producers_use_is_built_in() {
+        // A codec missing here stops every partition holding such a batch, for good.
+        assert_eq!(super::codecs(), ["gzip", "snappy", "lz4", "zstd"]);
+    }
 }

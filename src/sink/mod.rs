@@ -1,6 +1,9 @@
 //! TimescaleDB: the schema, the epoch writer (binary COPY plus exactly-once watermarks in
 //! one transaction), and the committed source offsets.
 
+pub mod dead_letters;
+pub mod events;
+pub mod fence;
 pub mod offsets;
 pub mod rollups;
 pub mod schema;
@@ -29,8 +32,47 @@ pub enum SinkError {
     SchemaTooNew { found: i32, known: i32 },
     #[error("cannot enable --dedup natural-key (metrics may already hold duplicate (server_id, time) rows): {0}")]
     NaturalKey(String),
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe_db_error(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// The database did not answer a write or commit in time (a hung server or session).
+    #[error("the database did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// Another copy of the job holds the topic: this one must stop writing.
+    #[error("{0}")]
+    Fenced(String),
+}
+
+/// A database error as one line with everything PostgreSQL said: message, SQLSTATE, detail,
+/// hint, and where (tokio-postgres's own `Display` says only "db error").
+pub fn describe_db_error(e: &tokio_postgres::Error) -> String {
+    let Some(db) = e.as_db_error() else {
+        // I/O and protocol errors keep their cause in `source()`.
+        return match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        };
+    };
+    let mut line = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    if let Some(detail) = db.detail() {
+        line.push_str(&format!("; detail: {detail}"));
+    }
+    if let Some(hint) = db.hint() {
+        line.push_str(&format!("; hint: {hint}"));
+    }
+    if let Some(context) = db.where_() {
+        line.push_str(&format!("; where: {}", context.replace('\n', " / ")));
+    }
+    line
+}
+
+/// True when PostgreSQL refused the statement because of the data it carried (a value it
+/// cannot store, a constraint a row violates): SQLSTATE classes 22 (data exception) and 23
+/// (integrity constraint violation). Such an error can be pinned on rows; nothing else can.
+pub fn is_data_error(e: &SinkError) -> bool {
+    match e {
+        SinkError::Db(e) => e.code().is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+        _ => false,
+    }
 }
 
 impl SinkError {
@@ -38,7 +80,7 @@ impl SinkError {
     /// or a configuration problem that retrying would only hide.
     pub fn is_transient(&self) -> bool {
         match self {
-            SinkError::Unreachable { .. } => true,
+            SinkError::Unreachable { .. } | SinkError::Timeout(_) => true,
             SinkError::Db(e) => is_transient(e),
             _ => false,
         }
@@ -55,7 +97,13 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
         None => true, // I/O and protocol errors
         Some(code) => {
             let c = code.code();
-            c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01" || c == "53300"
+            // 57014: a statement cancelled by statement_timeout (a hung lock or session).
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || c == "57014"
+                || c == "40001"
+                || c == "40P01"
+                || c == "53300"
         }
     }
 }
@@ -82,12 +130,27 @@ pub fn describe_target(url: &str) -> String {
 
 /// Connects, spawning the connection task on the current runtime.
 pub async fn connect(url: &str) -> Result<Client, SinkError> {
+    connect_as(url, "fleetflow").await
+}
+
+/// Connects with an application name (visible in `pg_stat_activity`; the job's writers use
+/// it so a taking-over job can find the sessions of the one it replaces).
+///
+/// TCP keepalives are on, so a server or network that vanished without closing the
+/// connection is noticed in about a minute rather than the kernel's two hours.
+pub async fn connect_as(url: &str, application_name: &str) -> Result<Client, SinkError> {
     let mut config: tokio_postgres::Config =
         url.parse().map_err(|e: tokio_postgres::Error| SinkError::BadUrl(e.to_string()))?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
-    config.application_name("fleetflow");
+    config.application_name(application_name);
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        // tokio-postgres's default is the kernel's two hours; the URL may set its own.
+        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_retries(3);
+    }
     // Notices (IF NOT EXISTS, ...) would otherwise be logged on every start.
     config.options("-c client_min_messages=warning");
     let (client, connection) = config

@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use tokio_postgres::Client;
+use std::time::Duration;
 
-use super::{backoff, connect, SinkError};
+use tokio_postgres::{Client, GenericClient};
+
+use super::{backoff, connect_as, SinkError};
 use crate::stats::Stats;
 
 /// The next offset to read per partition, as committed by earlier runs.
@@ -17,8 +19,21 @@ pub async fn load_offsets(client: &Client, topic: &str) -> Result<HashMap<i32, i
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Stores offsets in a transaction that first checks this job still holds the topic.
+async fn store_offsets_fenced(
+    client: &mut Client,
+    settings: &CommitterSettings,
+    offsets: &[(i32, i64)],
+) -> Result<(), SinkError> {
+    let tx = client.transaction().await?;
+    super::fence::check(&tx, &settings.topic, settings.generation).await?;
+    store_offsets(&tx, &settings.topic, offsets).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Records that everything before `next_offset` is durable. Offsets never move backwards.
-pub async fn store_offsets(client: &Client, topic: &str, offsets: &[(i32, i64)]) -> Result<(), SinkError> {
+pub async fn store_offsets(client: &impl GenericClient, topic: &str, offsets: &[(i32, i64)]) -> Result<(), SinkError> {
     insert_offsets(
         client,
         topic,
@@ -34,7 +49,7 @@ pub async fn pin_start_offsets(client: &Client, topic: &str, offsets: &[(i32, i6
 }
 
 async fn insert_offsets(
-    client: &Client,
+    client: &impl GenericClient,
     topic: &str,
     offsets: &[(i32, i64)],
     on_conflict: &str,
@@ -67,6 +82,17 @@ pub async fn load_watermarks(
     Ok(rows.iter().map(|r| ((r.get::<_, i32>(0) as u16, r.get(1)), r.get(2))).collect())
 }
 
+/// Where and as whom the committer writes.
+#[derive(Clone, Debug)]
+pub struct CommitterSettings {
+    pub database_url: String,
+    pub topic: String,
+    /// The job's fencing generation: a commit of a job that lost the topic is refused.
+    pub generation: i64,
+    /// A commit that takes longer has hung: retried on a new connection.
+    pub timeout: Duration,
+}
+
 /// A background task that stores offsets in order, retrying through database outages.
 /// `done` counts the commits that reached the database.
 pub struct Committer {
@@ -76,21 +102,28 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn spawn(runtime: &tokio::runtime::Handle, url: String, topic: String, stats: Arc<Stats>) -> Self {
+    pub fn spawn(runtime: &tokio::runtime::Handle, settings: CommitterSettings, stats: Arc<Stats>) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(i32, i64)>>();
         let done = Arc::new(AtomicU64::new(0));
         let counter = done.clone();
         runtime.spawn(async move {
+            let tag = super::fence::session_tag(&settings.topic);
             let mut client: Option<Client> = None;
             while let Some(offsets) = rx.recv().await {
                 let mut attempt = 0;
                 loop {
                     if client.as_ref().is_none_or(|c| c.is_closed()) {
-                        client = connect(&url).await.ok();
+                        client = connect_as(&settings.database_url, &tag).await.ok();
                     }
-                    if let Some(c) = &client {
-                        match store_offsets(c, &topic, &offsets).await {
+                    if let Some(c) = &mut client {
+                        let commit = store_offsets_fenced(c, &settings, &offsets);
+                        let result = match tokio::time::timeout(settings.timeout, commit).await {
+                            Ok(result) => result,
+                            Err(_) => Err(SinkError::Timeout(settings.timeout)),
+                        };
+                        match result {
                             Ok(()) => break,
+                            Err(SinkError::Fenced(line)) => crate::exit_fatal(crate::EXIT_FENCED, &line),
                             Err(e) => {
                                 Stats::add(&stats.database_errors, 1);
                                 tracing::warn!(error = %e, attempt, "committing offsets failed; retrying")
@@ -109,7 +142,6 @@ impl Committer {
         });
         Committer { tx, sent: 0, done }
     }
-
     /// Queues a commit; returns its sequence number.
     pub fn commit(&mut self, offsets: Vec<(i32, i64)>) -> u64 {
         self.sent += 1;

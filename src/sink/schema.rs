@@ -68,6 +68,24 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     "#,
     ),
     (2, "per-minute rollups: metrics_1m, fleet_hist_1m, fleet_1m, silent_servers", super::rollups::MIGRATION),
+    (
+        3,
+        "fencing generations per topic; dead letters keep the original length and hash of capped raw bytes",
+        r#"
+    -- One row per topic: the generation of the job that holds it (see sink::fence).
+    CREATE TABLE fleetflow_jobs (
+        topic      text        PRIMARY KEY,
+        generation bigint      NOT NULL,
+        holder     text        NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now()
+    );
+
+    -- raw keeps at most the first bytes of a large message; these describe all of it.
+    ALTER TABLE fleetflow_dead_letters ADD COLUMN raw_length bigint, ADD COLUMN raw_sha256 bytea;
+    UPDATE fleetflow_dead_letters SET raw_length = length(raw), raw_sha256 = sha256(raw);
+    "#,
+    ),
+    (4, "partition events: skipped offsets, stalls, added partitions, topic start-overs", super::events::MIGRATION),
 ];
 
 /// The newest schema version this build knows.

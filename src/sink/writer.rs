@@ -1,15 +1,27 @@
-//! The epoch writer: one async task per sink worker, owning one database connection.
+//! The epoch writer: one async task per sink worker connection.
 //!
-//! For each group of epochs it receives it opens one transaction, writes every batch with
-//! binary COPY, inserts the dead letters, raises the (key group, partition) watermarks, and
-//! commits. Because the watermarks move in the same transaction as the rows, a message
-//! replayed after a crash is recognised (offset at or below its watermark) and dropped,
-//! whatever the worker count of the run that wrote it. When the database goes away the task
-//! reconnects with backoff, re-reads the watermarks (the last commit may or may not have
-//! landed) and retries the same epochs; the dataflow waits meanwhile, which is what
-//! throttles the sources.
+//! For each group of epochs it receives it opens one transaction, checks that this job still
+//! holds the topic (see `sink::fence`), writes every batch with binary COPY, writes the dead
+//! letters, raises the (key group, partition) watermarks, and commits. Because the
+//! watermarks move in the same transaction as the rows, a message replayed after a crash is
+//! recognised (offset at or below its watermark) and dropped, whatever the worker count of
+//! the run that wrote it.
+//!
+//! What goes wrong, and what the writer does:
+//! - The database goes away or stops answering (`--database-timeout`): reconnect with
+//!   backoff, wait until the old session is gone (it could still commit the transaction we
+//!   gave up on), re-read the watermarks and retry the same epochs. The dataflow waits
+//!   meanwhile, which is what throttles the sources.
+//! - The database refuses the data (SQLSTATE class 22 or 23: a value it cannot store, a
+//!   constraint): retry the group once with each batch under a savepoint, bisecting a batch
+//!   that fails down to the rows that cause it. Those rows become dead letters with the
+//!   database's own words; everything else is written, in the same exactly-once transaction.
+//! - Anything else (an error that cannot be pinned on rows, another job took the topic):
+//!   the process stops with one line. Nothing of the group was committed; it is read again
+//!   on the next start.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::pin_mut;
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -18,10 +30,11 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
+use super::dead_letters::{copy_dead_letters, rejected_row, DeadLetterRow};
 use super::offsets::load_watermarks;
 use super::rollups::RollupDelta;
-use super::{backoff, connect, FastMap, SinkError};
-use crate::envelope::{Envelope, Item};
+use super::{backoff, connect_as, is_data_error, FastMap, SinkError};
+use crate::envelope::{DeadLetter, Envelope, Item};
 use crate::record::Metric;
 use crate::stats::Stats;
 
@@ -59,6 +72,10 @@ pub struct WriterSettings {
     pub natural_key: bool,
     /// Maintain the per-minute rollups in the same transaction (see `sink::rollups`).
     pub rollups: bool,
+    /// The job's fencing generation (see `sink::fence`); checked by every transaction.
+    pub generation: i64,
+    /// A write transaction (and each statement in it) that takes longer has hung.
+    pub timeout: Duration,
 }
 
 /// One epoch's rows for this worker, already cut into COPY batches.
@@ -84,7 +101,16 @@ pub fn spawn_writer(
 ) -> mpsc::UnboundedSender<EpochWrite> {
     let (tx, mut rx) = mpsc::unbounded_channel::<EpochWrite>();
     runtime.spawn(async move {
-        let mut writer = Writer { settings, stats, client: None, watermarks: FastMap::default(), waiting: false };
+        let mut writer = Writer {
+            settings,
+            stats,
+            client: None,
+            session: None,
+            stale_session: None,
+            watermarks: FastMap::default(),
+            waiting: false,
+            not_answering: false,
+        };
         while let Some(first) = rx.recv().await {
             // Epochs that queued up while the last transaction ran go into one transaction.
             let mut group = vec![first];
@@ -107,15 +133,29 @@ pub fn spawn_writer(
     tx
 }
 
+/// A database session, identified across reconnects (pids are reused, start times are not).
+#[derive(Clone, Copy, Debug)]
+struct Session {
+    pid: i32,
+    started: chrono::DateTime<chrono::Utc>,
+}
+
 struct Writer {
     settings: WriterSettings,
     stats: Arc<Stats>,
     client: Option<Client>,
+    /// The session behind `client`.
+    session: Option<Session>,
+    /// A session we gave up on that may still be running (and could even commit) our last
+    /// transaction: the watermarks are re-read only once it is gone.
+    stale_session: Option<Session>,
     /// (key group, partition) -> highest offset durably written, for the key groups this
-    /// worker owns. Valid only while `client` is: reloaded after every reconnect.
+    /// writer owns. Valid only while `client` is: reloaded after every reconnect.
     watermarks: FastMap<(u16, i32), i64>,
     /// Whether this writer is waiting for the database (see `Stats::database_waiting`).
     waiting: bool,
+    /// Whether the database stopped answering this writer (see `Stats::database_not_answering`).
+    not_answering: bool,
 }
 
 /// What a transaction will write once replayed messages are removed.
@@ -130,71 +170,124 @@ struct Plan<'a> {
 
 impl Writer {
     async fn write_until_durable(&mut self, group: &[EpochWrite]) {
+        let (worker, connection) = (self.settings.worker, self.settings.connection);
         let mut attempt = 0u32;
+        let mut isolate = false;
         loop {
-            match self.try_write(group).await {
+            let result = match tokio::time::timeout(self.settings.timeout, self.try_write(group, isolate)).await {
+                Ok(result) => result,
+                Err(_) => Err(SinkError::Timeout(self.settings.timeout)),
+            };
+            let e = match result {
                 Ok(()) => {
                     if attempt > 0 {
-                        tracing::info!(
-                            worker = self.settings.worker,
-                            connection = self.settings.connection,
-                            attempt,
-                            "database is back; write committed"
-                        );
-                        self.stats.database_waiting.set(&mut self.waiting, false);
+                        tracing::info!(worker, connection, attempt, "database is back; write committed");
                     }
+                    self.stats.database_waiting.set(&mut self.waiting, false);
+                    self.stats.database_not_answering.set(&mut self.not_answering, false);
                     return;
                 }
-                Err(e) => {
-                    Stats::add(&self.stats.database_errors, 1);
-                    self.stats.database_waiting.set(&mut self.waiting, true);
-                    let level_is_warn = e.is_transient();
-                    if level_is_warn {
-                        tracing::warn!(worker = self.settings.worker, connection = self.settings.connection, attempt, error = %e, "database unavailable; waiting to write");
-                    } else {
-                        tracing::error!(worker = self.settings.worker, connection = self.settings.connection, attempt, error = %e, "write failed; retrying");
-                    }
-                    self.client = None;
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
+                Err(e) => e,
+            };
+            Stats::add(&self.stats.database_errors, 1);
+            if let SinkError::Fenced(line) = &e {
+                crate::exit_fatal(crate::EXIT_FENCED, line);
             }
+            if is_data_error(&e) && !isolate {
+                // The transaction rolled back; the connection is fine. Find the rows.
+                tracing::warn!(worker, connection, error = %e, "the database refused rows of this write; finding them");
+                isolate = true;
+                continue;
+            }
+            if !e.is_transient() {
+                crate::exit_fatal(
+                    1,
+                    &format!(
+                        "worker {worker}: the database refused a write for a reason that cannot be pinned on a \
+                         record: {e}. Stopping; nothing of it was committed, and it is read again on the next start"
+                    ),
+                );
+            }
+            self.stats.database_waiting.set(&mut self.waiting, true);
+            if matches!(e, SinkError::Timeout(_)) {
+                self.stats.database_not_answering.set(&mut self.not_answering, true);
+                tracing::error!(worker, connection, attempt, error = %e, "the database is not answering; retrying on a new connection");
+            } else {
+                tracing::warn!(worker, connection, attempt, error = %e, "database unavailable; waiting to write");
+            }
+            if self.client.take().is_some() {
+                self.stale_session = self.session.take();
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt += 1;
         }
     }
 
-    async fn try_write(&mut self, group: &[EpochWrite]) -> Result<(), SinkError> {
+    /// Connects, waits for a stale session to end, and loads the watermarks.
+    async fn reconnect(&mut self) -> Result<(), SinkError> {
+        let s = &self.settings;
+        let client = connect_as(&s.database_url, &super::fence::session_tag(&s.topic)).await?;
+        let timeout_ms = s.timeout.as_millis().max(1);
+        client.batch_execute(&format!("SET statement_timeout = {timeout_ms}")).await?;
+        if let Some(stale) = self.stale_session {
+            wait_for_session_end(&client, stale).await?;
+            self.stale_session = None;
+        }
+        let row = client
+            .query_one("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()", &[])
+            .await?;
+        let session = Session { pid: row.get(0), started: row.get(1) };
+        let owned = crate::partitioning::connection_key_groups(s.worker, s.workers, s.connection, s.connections);
+        self.watermarks = load_watermarks(&client, &s.topic, &owned).await?;
+        if s.natural_key {
+            client.batch_execute(CREATE_STAGING).await?;
+        }
+        self.client = Some(client);
+        self.session = Some(session);
+        Ok(())
+    }
+
+    async fn try_write(&mut self, group: &[EpochWrite], isolate: bool) -> Result<(), SinkError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            let client = connect(&self.settings.database_url).await?;
-            let s = &self.settings;
-            let owned = crate::partitioning::connection_key_groups(s.worker, s.workers, s.connection, s.connections);
-            self.watermarks = load_watermarks(&client, &self.settings.topic, &owned).await?;
-            if self.settings.natural_key {
-                client.batch_execute(CREATE_STAGING).await?;
-            }
-            self.client = Some(client);
+            self.reconnect().await?;
         }
         let plan = plan(group, &self.watermarks);
         let started = std::time::Instant::now();
+        let settings = &self.settings;
         let client = self.client.as_mut().expect("connected above");
         let tx = client.transaction().await?;
-        let copy = if self.settings.natural_key { COPY_STAGING } else { COPY_METRICS };
-        for batch in &plan.batches {
-            copy_batch(&tx, copy, batch).await?;
+        super::fence::check(&tx, &settings.topic, settings.generation).await?;
+        let copy = if settings.natural_key { COPY_STAGING } else { COPY_METRICS };
+        // Rows the database refused (only when isolating), and with --dedup natural-key the
+        // rows that were new: only those count, in the rows and in the rollups.
+        let mut refused: Vec<(&Envelope, String)> = Vec::new();
+        let mut inserted: Vec<Metric> = Vec::new();
+        if isolate {
+            for batch in &plan.batches {
+                write_isolating(&tx, copy, settings.natural_key, batch, &mut refused, &mut inserted).await?;
+            }
+        } else {
+            for batch in &plan.batches {
+                copy_batch(&tx, copy, batch).await?;
+            }
+            if settings.natural_key && plan.rows > 0 {
+                inserted = tx.query(INSERT_FROM_STAGING, &[]).await?.iter().map(inserted_metric).collect();
+            }
         }
-        let mut rows = plan.rows;
-        // With --dedup natural-key only the rows that were new count, in the rows and in
-        // the rollups.
-        let mut inserted = Vec::new();
-        if self.settings.natural_key && rows > 0 {
-            inserted = tx.query(INSERT_FROM_STAGING, &[]).await?.iter().map(inserted_metric).collect();
-            rows = inserted.len() as u64;
-        }
+        let refused_positions: fnv::FnvHashSet<(i32, i64)> =
+            refused.iter().map(|(e, _)| (e.partition, e.offset)).collect();
+        let written = |env: &&&Envelope| !refused_positions.contains(&(env.partition, env.offset));
+        let rows = if settings.natural_key {
+            inserted.len() as u64
+        } else {
+            plan.rows - refused.len() as u64
+        };
         let mut rollup = RollupDelta::default();
-        if self.settings.rollups {
-            if self.settings.natural_key {
+        if settings.rollups {
+            if settings.natural_key {
                 inserted.iter().for_each(|m| rollup.add(m));
             } else {
-                for env in plan.batches.iter().flatten() {
+                for env in plan.batches.iter().flatten().filter(written) {
                     if let Item::Metric(m) = &env.item {
                         rollup.add(m);
                     }
@@ -202,24 +295,126 @@ impl Writer {
             }
         }
         // Each connection of each worker has its own histogram shard.
-        let shard = (self.settings.worker * self.settings.connections + self.settings.connection) as i32;
+        let shard = (settings.worker * settings.connections + settings.connection) as i32;
         rollup.apply(&tx, shard).await?;
-        insert_dead_letters(&tx, &self.settings.topic, &plan.dead_letters).await?;
-        raise_watermarks(&tx, &self.settings.topic, &plan.watermarks).await?;
-        if let Some(run) = &self.settings.audit_run {
-            audit(&tx, run, self.settings.worker, &plan.batches).await?;
+        let refused_letters: Vec<(&Envelope, DeadLetter)> = refused
+            .into_iter()
+            .filter_map(|(env, reason)| match &env.item {
+                Item::Metric(m) => Some((env, rejected_row(m, reason))),
+                Item::DeadLetter(_) => None,
+            })
+            .collect();
+        let mut letters: Vec<DeadLetterRow> = plan
+            .dead_letters
+            .iter()
+            .filter_map(|env| match &env.item {
+                Item::DeadLetter(d) => Some(DeadLetterRow { partition: env.partition, offset: env.offset, letter: d }),
+                Item::Metric(_) => None,
+            })
+            .collect();
+        letters.extend(refused_letters.iter().map(|(env, d)| DeadLetterRow {
+            partition: env.partition,
+            offset: env.offset,
+            letter: d,
+        }));
+        copy_dead_letters(&tx, &settings.topic, &letters).await?;
+        raise_watermarks(&tx, &settings.topic, &plan.watermarks).await?;
+        if let Some(run) = &settings.audit_run {
+            let batches: Vec<Vec<&Envelope>> =
+                plan.batches.iter().map(|b| b.iter().filter(written).copied().collect()).collect();
+            audit(&tx, run, settings.worker, &batches).await?;
         }
         tx.commit().await?;
 
+        for (env, d) in &refused_letters {
+            tracing::warn!(
+                worker = settings.worker,
+                partition = env.partition,
+                offset = env.offset,
+                reason = %d.reason,
+                "the database refused a record; it is a dead letter"
+            );
+        }
         self.stats.copy_seconds.observe(started.elapsed().as_secs_f64());
         self.watermarks.extend(plan.watermarks);
         Stats::add(&self.stats.rows_written, rows);
-        Stats::add(&self.stats.natural_key_duplicates, plan.rows - rows);
-        Stats::add(&self.stats.dead_letters_written, plan.dead_letters.len() as u64);
+        Stats::add(&self.stats.natural_key_duplicates, plan.rows - refused_letters.len() as u64 - rows);
+        Stats::add(&self.stats.dead_letters_written, letters.len() as u64);
+        Stats::add(&self.stats.rejected_by_database, refused_letters.len() as u64);
         Stats::add(&self.stats.replayed_skipped, plan.skipped);
         Stats::add(&self.stats.transactions, 1);
         self.stats.mark_write();
         Ok(())
+    }
+}
+
+/// Waits until a session we gave up on has ended, asking the server to end it. While it
+/// lives it may hold row locks of, or still commit, the transaction we abandoned: planning
+/// from the watermarks before it is gone could write its rows a second time.
+async fn wait_for_session_end(client: &Client, stale: Session) -> Result<(), SinkError> {
+    const ALIVE: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2";
+    let mut said = false;
+    while !client.query(ALIVE, &[&stale.pid, &stale.started]).await?.is_empty() {
+        if !said {
+            tracing::warn!(pid = stale.pid, "waiting for the database session that stopped answering to end");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+/// Writes one batch under savepoints, bisecting a part the database refuses for its data
+/// until the refused rows are found one by one. Refused rows are returned with the
+/// database's reason; everything else is written.
+async fn write_isolating<'a>(
+    tx: &Transaction<'_>,
+    copy: &str,
+    natural_key: bool,
+    batch: &[&'a Envelope],
+    refused: &mut Vec<(&'a Envelope, String)>,
+    inserted: &mut Vec<Metric>,
+) -> Result<(), SinkError> {
+    let mut parts = vec![batch];
+    while let Some(part) = parts.pop() {
+        tx.batch_execute("SAVEPOINT fleetflow_part").await?;
+        let result = async {
+            copy_batch(tx, copy, part).await?;
+            if natural_key {
+                let new: Vec<Metric> = tx.query(INSERT_FROM_STAGING, &[]).await?.iter().map(inserted_metric).collect();
+                tx.batch_execute("DELETE FROM fleetflow_staging").await?;
+                return Ok(new);
+            }
+            Ok::<_, SinkError>(Vec::new())
+        }
+        .await;
+        match result {
+            Ok(new) => {
+                tx.batch_execute("RELEASE SAVEPOINT fleetflow_part").await?;
+                inserted.extend(new);
+            }
+            Err(e) if is_data_error(&e) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT fleetflow_part").await?;
+                if let [one] = part {
+                    refused.push((one, format!("the database refused the record: {}", describe(&e))));
+                } else {
+                    let (left, right) = part.split_at(part.len() / 2);
+                    // Popped left first, so rows keep their order.
+                    parts.push(right);
+                    parts.push(left);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The database's words for a refused row (without our "database error:" prefix).
+fn describe(e: &SinkError) -> String {
+    match e {
+        SinkError::Db(e) => super::describe_db_error(e),
+        other => other.to_string(),
     }
 }
 
@@ -301,27 +496,6 @@ async fn copy_batch(tx: &Transaction<'_>, statement: &str, batch: &[&Envelope]) 
         writer.as_mut().write(&row).await?;
     }
     writer.finish().await?;
-    Ok(())
-}
-
-async fn insert_dead_letters(tx: &Transaction<'_>, topic: &str, letters: &[&Envelope]) -> Result<(), SinkError> {
-    if letters.is_empty() {
-        return Ok(());
-    }
-    let statement = tx
-        .prepare(
-            "INSERT INTO fleetflow_dead_letters (topic, partition, \"offset\", key, raw, kind, reason, message_time)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .await?;
-    for env in letters {
-        let Item::DeadLetter(d) = &env.item else {
-            continue;
-        };
-        let time = d.message_time_ms.and_then(chrono::DateTime::from_timestamp_millis);
-        tx.execute(&statement, &[&topic, &env.partition, &env.offset, &d.key, &d.raw, &d.kind, &d.reason, &time])
-            .await?;
-    }
     Ok(())
 }
 

@@ -1,0 +1,480 @@
+//! The topic under the job: what the operator or the cluster may have done to it.
+//!
+//! ```text
+//! start    worker 0: committed offsets vs each partition's low/high watermarks
+//!            beyond the end      -> refuse (or --on-topic-reset start-over: forget offsets
+//!                                   and watermarks, read from the earliest offset)
+//!            below the log start -> retention deleted unread messages: go on, count the gap
+//!          -> broadcast to every worker (a barrier: no writer loads watermarks before a
+//!             start-over is done)
+//! running  every source worker, for the partitions it owns:
+//!            a message below the expected offset, an end below it -> stop (reset)
+//!            a jump the low watermark proves deleted               -> count the gap
+//!            messages to read, none delivered                      -> stalled; stop after
+//!                                                                     --stall-timeout
+//!            partitions added to the topic                         -> read them
+//! ```
+//!
+//! The bookkeeping itself is pure and lives in `kafka::watch`; this module feeds it from the
+//! reader, and reports what it finds in the log, the metrics, `/healthz` and the partition
+//! events `fleetflow status` shows. Offsets alone cannot tell a recreated topic that has
+//! already grown past the old offsets; a reset found while running is therefore recorded,
+//! and a restart refuses until the operator starts the topic over.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use timely::worker::Worker;
+
+use super::ingest::IngestContext;
+use crate::cli::{OnTopicReset, StartFrom};
+use crate::kafka::consumer::{PartitionReader, StartOffset};
+use crate::kafka::watch::{check_start, Backlog, Gap, OffsetWatch, StallChange, StallDetector, StartCheck, TopicReset};
+use crate::partitioning::owned_partitions;
+use crate::sink::events::{self, Event, EventKind, EventLog};
+use crate::stats::PartitionLabels;
+
+/// How long the last event before a stop may take to reach the database.
+const LAST_EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the start-up check decided, the same in every worker.
+#[derive(Clone, Debug, Default)]
+pub struct TopicCheck {
+    /// No offsets were ever committed for the topic: `--start` applies.
+    pub first_run: bool,
+    /// Offsets retention deleted before the job read them, per partition.
+    pub gaps: Vec<Gap>,
+}
+
+impl TopicCheck {
+    /// Where a partition without a committed offset starts: `--start` on the job's very first
+    /// run only; a partition that appears later is read from its earliest offset.
+    pub fn start_for_uncommitted(&self, start: StartFrom) -> StartFrom {
+        if self.first_run {
+            start
+        } else {
+            StartFrom::Earliest
+        }
+    }
+
+    /// Where a partition with committed offset `next` resumes: after what retention deleted.
+    pub fn resume_at(&self, partition: i32, next: i64) -> i64 {
+        self.gaps.iter().filter(|g| g.partition == partition).map(|g| g.to).fold(next, i64::max)
+    }
+}
+
+/// Checks the committed offsets against the topic (worker 0, after the job took the topic)
+/// and tells every worker the outcome; a refusal is the same one line in every process.
+pub fn check_topic(worker: &mut Worker, ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCheck> {
+    let outcome = (worker.index() == 0).then(|| match inspect_topic(ctx, generation) {
+        Ok(c) => (String::new(), c.first_run, c.gaps.iter().map(|g| (g.partition, g.from, g.to)).collect()),
+        Err(e) => (crate::one_line(&e), false, Vec::new()),
+    });
+    match broadcast_from_first(worker, outcome) {
+        Some((line, _, _)) if !line.is_empty() => Err(anyhow::anyhow!(line)),
+        Some((_, first_run, gaps)) => Ok(TopicCheck {
+            first_run,
+            gaps: gaps.into_iter().map(|(partition, from, to)| Gap { partition, from, to }).collect(),
+        }),
+        None => Err(anyhow::anyhow!("worker 0 announced no outcome of the topic check")),
+    }
+}
+
+type Outcome = (String, bool, Vec<(i32, i64, i64)>);
+
+/// Sends worker 0's value to every worker and waits for it: a barrier.
+fn broadcast_from_first(worker: &mut Worker, value: Option<Outcome>) -> Option<Outcome> {
+    use timely::dataflow::operators::vec::Broadcast;
+    use timely::dataflow::operators::{Inspect, Probe};
+    let received = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let seen = received.clone();
+    let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+        let (input, stream) = timely::dataflow::operators::vec::Input::new_input::<Outcome>(&scope);
+        let (probe, _) = stream.broadcast().inspect(move |x| *seen.borrow_mut() = Some(x.clone())).probe();
+        (input, probe)
+    });
+    if let Some(value) = value {
+        input.send(value);
+    }
+    drop(input);
+    while !probe.done() {
+        worker.step_or_park(Some(Duration::from_millis(5)));
+    }
+    received.take()
+}
+
+/// The start-up check itself (worker 0).
+fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCheck> {
+    let (args, topic) = (&ctx.args, &ctx.args.kafka.topic);
+    let url = &args.database.database_url;
+    let (committed, pending) = ctx.runtime.block_on(async {
+        let client = crate::sink::connect(url).await?;
+        let committed = crate::sink::offsets::load_offsets(&client, topic).await?;
+        let pending = events::pending_reset(&client, topic).await?;
+        Ok::<_, crate::sink::SinkError>((committed, pending))
+    })?;
+    let mut committed: Vec<(i32, i64)> = committed.into_iter().collect();
+    committed.sort_unstable();
+    let all: Vec<i32> = (0..ctx.partitions).collect();
+    let marks = crate::kafka::admin::watermarks(&args.kafka, &all)?;
+
+    let mut problems = Vec::new();
+    let mut gaps = Vec::new();
+    for &(partition, next) in &committed {
+        let Some(&(_, low, high)) = marks.iter().find(|m| m.0 == partition) else {
+            problems.push(format!("partition {partition} no longer exists (the topic has {} partitions)", ctx.partitions));
+            continue;
+        };
+        match check_start(next, low, high) {
+            StartCheck::Fine => {}
+            StartCheck::BeyondEnd { committed, end } => {
+                problems.push(format!("partition {partition} ends at offset {end}, the job had read up to {committed}"))
+            }
+            StartCheck::Gap { from, to } => gaps.push(Gap { partition, from, to }),
+        }
+    }
+    if let Some(found) = pending.as_ref().filter(|_| problems.is_empty()) {
+        problems.push(format!("found earlier: {found}"));
+    }
+    if problems.is_empty() {
+        ctx.runtime.block_on(async {
+            let client = crate::sink::connect(url).await?;
+            for gap in &gaps {
+                events::record(&client, topic, &gap_event(gap)).await?;
+            }
+            Ok::<_, crate::sink::SinkError>(())
+        })?;
+        return Ok(TopicCheck { first_run: committed.is_empty(), gaps });
+    }
+
+    let what = format!(
+        "the offsets this database holds for topic {topic:?} do not fit it (deleted and recreated, or truncated?): {}",
+        problems.join("; ")
+    );
+    match args.on_topic_reset {
+        OnTopicReset::Refuse => {
+            if pending.is_none() {
+                let event = Event { partition: committed.first().map_or(0, |c| c.0), kind: EventKind::Reset, range: None, detail: what.clone() };
+                events::record_now(&ctx.runtime, url, topic, &event, LAST_EVENT_TIMEOUT);
+            }
+            anyhow::bail!(
+                "{what}. Refusing to start: its new messages would be dropped as replays. To read the topic again from \
+                 its earliest offsets, forgetting the old offsets and exactly-once watermarks (rows already written \
+                 stay), restart with --on-topic-reset start-over"
+            )
+        }
+        OnTopicReset::StartOver => {
+            let starts: Vec<(i32, i64)> = marks.iter().map(|(p, low, _)| (*p, *low)).collect();
+            ctx.runtime.block_on(async {
+                let mut client = crate::sink::connect(url).await?;
+                events::start_over(&mut client, topic, generation, &starts, &what).await
+            })?;
+            tracing::warn!(
+                topic = %topic, ?starts,
+                "--on-topic-reset start-over: {what}; forgot the topic's committed offsets and exactly-once watermarks, \
+                 reading every partition again from its earliest offset"
+            );
+            Ok(TopicCheck { first_run: false, gaps: Vec::new() })
+        }
+    }
+}
+
+fn gap_event(gap: &Gap) -> Event {
+    Event {
+        partition: gap.partition,
+        kind: EventKind::Skipped,
+        range: Some((gap.from, gap.to)),
+        detail: format!("{} messages deleted by retention before the job read them", gap.count()),
+    }
+}
+
+/// Watches the partitions one source worker reads, fed by the worker loop.
+pub struct PartitionWatch {
+    topic: String,
+    worker: usize,
+    workers: usize,
+    stalls: StallDetector,
+    /// After this long stalled, the job stops (zero: never).
+    stall_timeout: Duration,
+    events: EventLog,
+    /// When the watermarks, the partition count and the stalls were last checked.
+    checked: (Instant, Instant, Instant),
+    /// Last known lag per partition, and its sum as added to the process's total.
+    lag: std::collections::BTreeMap<i32, i64>,
+    lag_reported: i64,
+}
+
+impl PartitionWatch {
+    /// Starts watching `partitions`; reports the gaps the start-up check found in them.
+    pub fn new(ctx: &IngestContext, worker: usize, workers: usize, partitions: &[i32], check: &TopicCheck) -> Self {
+        let args = &ctx.args;
+        let stall_after = if args.stall_timeout.is_zero() {
+            Duration::from_secs(30)
+        } else {
+            (args.stall_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+        };
+        let now = Instant::now();
+        let mut stalls = StallDetector::new(stall_after);
+        for p in partitions {
+            stalls.add(*p, now);
+        }
+        let watch = PartitionWatch {
+            topic: args.kafka.topic.clone(),
+            worker,
+            workers,
+            stalls,
+            stall_timeout: args.stall_timeout,
+            events: EventLog::spawn(&ctx.runtime, args.database.database_url.clone(), args.kafka.topic.clone()),
+            checked: (now, now, now),
+            lag: Default::default(),
+            lag_reported: 0,
+        };
+        for gap in check.gaps.iter().filter(|g| partitions.contains(&g.partition)) {
+            watch.count_gap(gap, ctx);
+        }
+        watch
+    }
+
+    /// A message of `partition` arrived.
+    pub fn message(&mut self, partition: i32, now: Instant) {
+        self.stalls.message(partition, now);
+    }
+
+    /// The worker does not read (backpressure): quiet partitions are not to blame.
+    pub fn held_back(&mut self, now: Instant) {
+        self.stalls.held_back(now);
+    }
+
+    /// The periodic checks: watermarks and lag every `--report-interval`, the partition count
+    /// every `--metadata-interval`, stalls twice a second. `Err` is the line the job stops
+    /// with.
+    pub fn tick(
+        &mut self,
+        reader: &mut PartitionReader,
+        offsets: &mut OffsetWatch,
+        ctx: &IngestContext,
+    ) -> Result<(), String> {
+        let now = Instant::now();
+        if now.duration_since(self.checked.1) >= ctx.args.metadata_interval {
+            self.checked.1 = now;
+            self.add_new_partitions(reader, offsets, ctx)?;
+        }
+        if now.duration_since(self.checked.0) >= ctx.args.report_interval {
+            self.checked.0 = now;
+            self.check_watermarks(reader, offsets, ctx)?;
+        }
+        if now.duration_since(self.checked.2) >= Duration::from_millis(500) {
+            self.checked.2 = now;
+            self.check_stalls(reader, ctx, now)?;
+        }
+        Ok(())
+    }
+
+    /// The line to stop with when a message showed the topic went back under the job.
+    pub fn reset(&self, reset: &TopicReset, ctx: &IngestContext) -> String {
+        let line = format!(
+            "topic {:?} was deleted and recreated, or truncated, while the job ran: {reset}. Nothing of it was written; \
+             to read the topic again from its earliest offsets, forgetting the old offsets and exactly-once watermarks \
+             (rows already written stay), restart with --on-topic-reset start-over",
+            self.topic
+        );
+        let partition = match reset {
+            TopicReset::Backwards { partition, .. }
+            | TopicReset::BeyondEnd { partition, .. }
+            | TopicReset::PartitionGone { partition, .. } => *partition,
+        };
+        let event = Event { partition, kind: EventKind::Reset, range: None, detail: line.clone() };
+        events::record_now(&ctx.runtime, &ctx.args.database.database_url, &self.topic, &event, LAST_EVENT_TIMEOUT);
+        line
+    }
+
+    /// Takes this worker's lag out of the process's total (the worker is done).
+    pub fn finish(&mut self, ctx: &IngestContext) {
+        ctx.stats.lag.fetch_sub(self.lag_reported, Ordering::Relaxed);
+        self.lag_reported = 0;
+    }
+
+    fn check_watermarks(
+        &mut self,
+        reader: &mut PartitionReader,
+        offsets: &mut OffsetWatch,
+        ctx: &IngestContext,
+    ) -> Result<(), String> {
+        // The position moves past transaction markers and aborted records: lag reaches 0.
+        for (partition, position) in reader.positions() {
+            offsets.position(partition, position);
+        }
+        let now = Instant::now();
+        for partition in reader.partitions().to_vec() {
+            match reader.watermarks(partition) {
+                Ok((low, high)) => {
+                    let gaps = offsets.watermarks(partition, low, high).map_err(|r| self.reset(&r, ctx))?;
+                    for gap in &gaps {
+                        self.count_gap(gap, ctx);
+                        self.events.send(gap_event(gap));
+                    }
+                    let behind = offsets.backlog(partition, low, high);
+                    self.lag.insert(partition, behind);
+                    ctx.stats.partition_lag.get_or_create(&PartitionLabels { partition }).set(behind);
+                    let backlog = if behind > 0 { Backlog::Messages(behind) } else { Backlog::Empty };
+                    self.stalls.backlog(partition, backlog, now);
+                }
+                Err(e) => {
+                    reader.note_error(&e);
+                    self.stalls.backlog(partition, Backlog::Unknown, now);
+                }
+            }
+        }
+        let lag: i64 = self.lag.values().sum();
+        ctx.stats.lag.fetch_add(lag - self.lag_reported, Ordering::Relaxed);
+        self.lag_reported = lag;
+        Ok(())
+    }
+
+    fn check_stalls(&mut self, reader: &PartitionReader, ctx: &IngestContext, now: Instant) -> Result<(), String> {
+        let last_error = || {
+            reader.last_error().map_or("none".to_owned(), |(text, ago)| {
+                format!("{text} ({} ago)", humantime::format_duration(Duration::from_secs(ago.as_secs())))
+            })
+        };
+        for change in self.stalls.check(now) {
+            match change {
+                StallChange::Stalled { partition, quiet, backlog } => {
+                    let reason = format!(
+                        "no message for {} although {backlog}; last Kafka error: {}",
+                        humantime::format_duration(Duration::from_secs(quiet.as_secs())),
+                        last_error()
+                    );
+                    tracing::warn!(topic = %self.topic, partition, "partition stalled: {reason}");
+                    let labels = PartitionLabels { partition };
+                    ctx.stats.partition_stalls.get_or_create(&labels).inc();
+                    ctx.stats.partition_stalled.get_or_create(&labels).set(1);
+                    if let Ok(mut stalled) = ctx.stats.stalled.lock() {
+                        stalled.insert(partition, reason.clone());
+                    }
+                    self.events.send(Event { partition, kind: EventKind::Stalled, range: None, detail: reason });
+                }
+                StallChange::Recovered { partition } => {
+                    tracing::info!(topic = %self.topic, partition, "partition delivers again");
+                    ctx.stats.partition_stalled.get_or_create(&PartitionLabels { partition }).set(0);
+                    if let Ok(mut stalled) = ctx.stats.stalled.lock() {
+                        stalled.remove(&partition);
+                    }
+                    self.events.send(Event {
+                        partition,
+                        kind: EventKind::Recovered,
+                        range: None,
+                        detail: "delivers messages again".into(),
+                    });
+                }
+            }
+        }
+        match self.stalls.longest(now) {
+            Some((partition, quiet, backlog)) if !self.stall_timeout.is_zero() && quiet >= self.stall_timeout => {
+                let line = format!(
+                    "partition {partition} of topic {:?} cannot be read: no message for {} although {backlog}; \
+                     last Kafka error: {}. Stopping (--stall-timeout {})",
+                    self.topic,
+                    humantime::format_duration(Duration::from_secs(quiet.as_secs())),
+                    last_error(),
+                    humantime::format_duration(self.stall_timeout)
+                );
+                let event = Event { partition, kind: EventKind::Stopped, range: None, detail: line.clone() };
+                events::record_now(&ctx.runtime, &ctx.args.database.database_url, &self.topic, &event, LAST_EVENT_TIMEOUT);
+                Err(line)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the partitions of this worker that were added to the topic since the last look:
+    /// from the committed offset if the database has one, else from the earliest offset.
+    fn add_new_partitions(
+        &mut self,
+        reader: &mut PartitionReader,
+        offsets: &mut OffsetWatch,
+        ctx: &IngestContext,
+    ) -> Result<(), String> {
+        let count = match reader.partition_count() {
+            Ok(count) => count,
+            Err(e) => {
+                reader.note_error(&e);
+                return Ok(());
+            }
+        };
+        if let Some(&partition) = reader.partitions().iter().find(|p| **p >= count) {
+            return Err(self.reset(&TopicReset::PartitionGone { partition, partitions: count }, ctx));
+        }
+        let new: Vec<i32> = owned_partitions(self.worker, self.workers, count)
+            .into_iter()
+            .filter(|p| !reader.partitions().contains(p))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let (url, topic) = (&ctx.args.database.database_url, &self.topic);
+        let committed = match ctx
+            .runtime
+            .block_on(async { crate::sink::offsets::load_offsets(&crate::sink::connect(url).await?, topic).await })
+        {
+            Ok(committed) => committed,
+            Err(e) => {
+                tracing::warn!(error = %e, ?new, "partitions were added to the topic; cannot load their offsets yet");
+                return Ok(());
+            }
+        };
+        let starts: Vec<(i32, StartOffset)> =
+            new.iter().map(|p| (*p, committed.get(p).map_or(StartOffset::Earliest, |o| StartOffset::At(*o)))).collect();
+        if let Err(e) = reader.add_partitions(&starts) {
+            tracing::warn!(error = %e, ?new, "partitions were added to the topic; cannot read them yet");
+            return Ok(());
+        }
+        let now = Instant::now();
+        for (partition, start) in starts {
+            let (from, range) = match start {
+                StartOffset::At(o) => (format!("its committed offset {o}"), Some((o, o))),
+                _ => ("its earliest offset".to_owned(), None),
+            };
+            tracing::info!(topic = %topic, partition, partitions = count, "partition added to the topic; reading it from {from}");
+            offsets.add(partition, range.map(|r| r.0));
+            self.stalls.add(partition, now);
+            self.events.send(Event {
+                partition,
+                kind: EventKind::Added,
+                range,
+                detail: format!("added to the topic ({count} partitions); read from {from}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts and logs a gap retention left in one of this worker's partitions.
+    fn count_gap(&self, gap: &Gap, ctx: &IngestContext) {
+        tracing::warn!(
+            topic = %self.topic, partition = gap.partition, from = gap.from, to = gap.to - 1, count = gap.count(),
+            "retention deleted {} messages of partition {} before the job read them (offsets {} to {}); going on",
+            gap.count(), gap.partition, gap.from, gap.to - 1
+        );
+        ctx.stats.skipped_offsets.get_or_create(&PartitionLabels { partition: gap.partition }).inc_by(gap.count() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_latest_applies_to_the_first_run_only() {
+        let first = TopicCheck { first_run: true, gaps: vec![] };
+        assert_eq!(first.start_for_uncommitted(StartFrom::Latest), StartFrom::Latest);
+        let later = TopicCheck { first_run: false, gaps: vec![] };
+        assert_eq!(later.start_for_uncommitted(StartFrom::Latest), StartFrom::Earliest);
+    }
+
+    #[test]
+    fn a_partition_resumes_after_what_retention_deleted() {
+        let check = TopicCheck { first_run: false, gaps: vec![Gap { partition: 1, from: 10, to: 500 }] };
+        assert_eq!(check.resume_at(1, 10), 500);
+        assert_eq!(check.resume_at(0, 10), 10);
+    }
+}
