@@ -47,10 +47,11 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// A dead letter for the message value `raw`: keeps its first [`DEAD_LETTER_RAW_BYTES`]
-    /// bytes, its length and its SHA-256.
+    /// bytes, its length and its SHA-256 (and at most as many bytes of the key).
     pub fn new(key: Option<&[u8]>, raw: &[u8], kind: &str, reason: String, message_time_ms: Option<i64>) -> DeadLetter {
         DeadLetter {
-            key: key.map(<[u8]>::to_vec),
+            // A key can be as large as the message: it is bounded the same way.
+            key: key.map(|k| k[..k.len().min(DEAD_LETTER_RAW_BYTES)].to_vec()),
             raw: raw[..raw.len().min(DEAD_LETTER_RAW_BYTES)].to_vec(),
             raw_length: raw.len() as i64,
             raw_sha256: sha2::Sha256::digest(raw).to_vec(),

@@ -190,9 +190,11 @@ pub fn decode(
     let raw: RawRecord = serde_json::from_str(text).map_err(|e| {
         if e.to_string().starts_with("number out of range") {
             DecodeError::NonFinite(format!("a number ({e})"))
-        } else if e.classify() == serde_json::error::Category::Data {
-            // A type our visitors refused: only a non-object gets here (field values accept
-            // any type). Syntax errors, lone surrogates included, are malformed JSON.
+        } else if e.classify() == serde_json::error::Category::Data && serde_json::from_str::<IgnoredAny>(text).is_ok()
+        {
+            // Valid JSON of a type our visitor refused: only a non-object gets here (field
+            // values accept any type). A lone surrogate (`"\ud800"`), which IgnoredAny lets
+            // through, is a syntax error of the full parse, so malformed JSON.
             DecodeError::NotAnObject
         } else {
             DecodeError::MalformedJson(e.to_string())
@@ -427,7 +429,8 @@ impl RawRecord {
         if server_id.contains('\0') {
             return Err(DecodeError::UnstorableText { what: "serverId", text: server_id });
         }
-        if let Some(key) = key {
+        // An empty key is no key (some producers send one), as in routing.
+        if let Some(key) = key.filter(|k| !k.is_empty()) {
             if key != server_id.as_bytes() {
                 return Err(DecodeError::KeyMismatch {
                     key: clip(&String::from_utf8_lossy(key), MAX_SERVER_ID_BYTES),
@@ -601,6 +604,7 @@ mod tests {
         );
         let body = br#"{"serverId":"s1","cpu":1}"#;
         assert!(decode(body, Some(b"s1"), Some(NOW), NOW, &Limits::default()).is_ok());
+        assert!(decode(body, Some(b""), Some(NOW), NOW, &Limits::default()).is_ok(), "an empty key is no key");
         let err = decode(body, Some(b"s2"), Some(NOW), NOW, &Limits::default()).unwrap_err();
         assert_eq!(err.to_string(), r#"message key "s2" disagrees with the body's serverId "s1""#);
     }

@@ -11,17 +11,41 @@ use std::time::{Duration, Instant};
 use common::{assert_exactly_once, Job, Stack};
 use fleetflow::cli::LoadgenArgs;
 
-/// Grows the topic to `partitions` partitions (Kafka's CreatePartitions).
+/// Grows the topic to `partitions` partitions: Kafka's CreatePartitions where the broker has
+/// it. nisshi 0.8.1 does not ("UnsupportedFeature"); its sqlite storage is then grown the way
+/// its own CreateTopics lays a topic out (a `topition` and a `watermark` row per partition),
+/// which the running broker serves at once: metadata, produce and fetch.
 fn add_partitions(stack: &Stack, partitions: usize) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.broker.addr).create().unwrap();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = common::runtime()
-        .block_on(admin.create_partitions(&[NewPartitions::new(&stack.topic, partitions)], &options))
-        .expect("CreatePartitions request");
-    for result in results {
-        result.unwrap_or_else(|(topic, code)| panic!("the broker cannot add partitions to {topic}: {code:?}"));
+    match common::runtime().block_on(admin.create_partitions(&[NewPartitions::new(&stack.topic, partitions)], &options))
+    {
+        Ok(results) => {
+            for result in results {
+                result.unwrap_or_else(|(topic, code)| panic!("the broker cannot add partitions to {topic}: {code:?}"));
+            }
+        }
+        Err(rdkafka::error::KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::UnsupportedFeature)) => {
+            let current = fleetflow::kafka::admin::partition_count(&stack.broker.kafka(&stack.topic)).unwrap();
+            let mut sql = format!("UPDATE topic SET partitions = {partitions} WHERE name = '{}';", stack.topic);
+            for p in current..partitions as i32 {
+                sql += &format!(
+                    "INSERT INTO topition (topic, partition) SELECT id, {p} FROM topic WHERE name = '{0}';
+                     INSERT INTO watermark (topition) SELECT tp.id FROM topition tp JOIN topic t ON tp.topic = t.id
+                       WHERE t.name = '{0}' AND tp.partition = {p};",
+                    stack.topic
+                );
+            }
+            let out = std::process::Command::new("sqlite3")
+                .arg(stack.dir.join("broker.db"))
+                .arg(&sql)
+                .output()
+                .expect("sqlite3 (Debian package sqlite3) grows the broker's topic");
+            assert!(out.status.success(), "sqlite3: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Err(e) => panic!("CreatePartitions request: {e}"),
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while fleetflow::kafka::admin::partition_count(&stack.broker.kafka(&stack.topic)).unwrap() != partitions as i32 {
@@ -48,7 +72,10 @@ fn wait_until(what: &str, timeout: Duration, job: &Job, mut done: impl FnMut() -
 
 #[test]
 fn partitions_added_while_running_or_stopped_are_read_from_earliest_exactly_once() {
-    let stack = Stack::start("added_partitions", 2);
+    // A durable (sqlite) broker: see add_partitions.
+    let dir = common::test_dir("added_partitions");
+    let broker = common::Broker::start_durable(&dir);
+    let stack = Stack::with(dir, broker, common::Database::create("added_partitions"), 2);
     // Before the job's first start: --start latest skips these.
     produce_at(&stack, 2_000, 1, 5);
 
@@ -56,7 +83,8 @@ fn partitions_added_while_running_or_stopped_are_read_from_earliest_exactly_once
     let mut job = Job::start(&stack, "first", 2, 1, &flags);
     // The first run pinned its start at the end of partitions 0 and 1.
     wait_until("the job pins its start offsets", Duration::from_secs(60), &job, || {
-        stack.db.scalar("SELECT count(*) FROM fleetflow_offsets") == 2
+        stack.db.scalar("SELECT (to_regclass('fleetflow_offsets') IS NOT NULL)::int::bigint") == 1
+            && stack.db.scalar("SELECT count(*) FROM fleetflow_offsets") == 2
     });
 
     // While it runs: two more partitions, then records into all four.

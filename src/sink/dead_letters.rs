@@ -3,7 +3,6 @@
 //! at the speed of rows (a flood of bad records must not become the bottleneck).
 
 use futures_util::pin_mut;
-use sha2::Digest;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Transaction;
@@ -85,13 +84,5 @@ pub fn rejected_row(metric: &Metric, reason: String) -> DeadLetter {
         object.insert(name.clone(), (*value).into());
     }
     let raw = serde_json::Value::Object(object).to_string().into_bytes();
-    DeadLetter {
-        key: None,
-        raw_length: raw.len() as i64,
-        raw_sha256: sha2::Sha256::digest(&raw).to_vec(),
-        raw,
-        kind: REJECTED_BY_DATABASE.to_owned(),
-        reason,
-        message_time_ms: Some(metric.time_us.div_euclid(1000)),
-    }
+    DeadLetter::new(None, &raw, REJECTED_BY_DATABASE, reason, Some(metric.time_us.div_euclid(1000)))
 }
