@@ -25,16 +25,16 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
 
 use super::operators::durable_sink::WriteDurably;
+use super::topic_watch::{check_topic, PartitionWatch, TopicCheck};
 use crate::cli::{RunArgs, StartFrom};
 use crate::envelope::Envelope;
 use crate::kafka::consumer::{PartitionReader, Polled, StartOffset};
+use crate::kafka::watch::{OffsetWatch, TopicReset};
 use crate::partitioning::owned_partitions;
 use crate::record::{decode, now_ms, Limits};
 use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer, CommitterSettings};
 use crate::sink::writer::WriterSettings;
 use crate::stats::{KindLabels, Stats};
-use super::topic_watch::{check_topic, PartitionWatch, TopicCheck};
-use crate::kafka::watch::{OffsetWatch, TopicReset};
 
 /// Messages taken from Kafka between two steps of the dataflow.
 const POLL_BUDGET: usize = 4096;
@@ -106,6 +106,8 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     );
     let mut commits = Commits::new(committer, ctx.stats.clone());
     let mut idle_since: Option<Instant> = None;
+    // This worker's share of the process's byte bound.
+    let bytes_in_flight = (args.max_bytes_in_flight / args.workers.max(1)).max(1);
     let mut backpressured_since: Option<Instant> = None;
     let mut held_back = false;
 
@@ -115,8 +117,10 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         ctx.stats.durable_epoch.fetch_max(durable.saturating_sub(1), Ordering::Relaxed);
         ctx.stats.newest_epoch.fetch_max(*input.time(), Ordering::Relaxed);
 
-        // Read, unless this source is as far ahead of the durable frontier as allowed.
-        let may_read = input.time() < &(durable + args.max_epochs_in_flight);
+        // Read, unless this source is as far ahead of the durable frontier as allowed, in
+        // epochs or in bytes.
+        let may_read =
+            input.time() < &(durable + args.max_epochs_in_flight) && source.bytes_in_flight() < bytes_in_flight;
         ctx.stats.backpressured.set(&mut held_back, !may_read);
         // Held back for a while (the database is slow or away): stop fetching, so librdkafka's
         // prefetch queue does not grow either. Short waits are normal under load; ignore them.
@@ -130,12 +134,13 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         }
         let read = match may_read {
             true => source
-                .read(&mut reader, &mut input, ctx, args.epoch_records, &mut watch)
+                .read(&mut reader, &mut input, ctx, (args.epoch_records, args.epoch_bytes), &mut watch)
                 .map_err(|reset| anyhow::anyhow!(watch.reset(&reset, ctx)))?,
             false => 0,
         };
 
         if source.in_epoch >= args.epoch_records
+            || source.bytes_in_epoch >= args.epoch_bytes
             || (source.in_epoch > 0 && source.opened.elapsed() >= args.epoch_interval)
         {
             source.close_epoch(&mut input);
@@ -295,8 +300,9 @@ struct Source {
     offsets: OffsetWatch,
     /// The offsets of the last epoch closed (or the start).
     last_closed: Vec<(i32, i64)>,
-    /// Records in the open epoch, and when its first record arrived.
+    /// Records in the open epoch, their bytes in memory, and when its first record arrived.
     in_epoch: usize,
+    bytes_in_epoch: usize,
     opened: Instant,
     /// Kafka timestamps (ms) of the open epoch's records, for end-to-end latency.
     produced_ms: Vec<i64>,
@@ -310,6 +316,8 @@ struct ClosedEpoch {
     /// Next offset to read per partition when the epoch closed.
     offsets: Vec<(i32, i64)>,
     produced_ms: Vec<i64>,
+    /// Bytes of its records in memory until it is durable.
+    bytes: usize,
 }
 
 impl Source {
@@ -322,6 +330,7 @@ impl Source {
             last_closed: offsets.next_offsets(),
             offsets,
             in_epoch: 0,
+            bytes_in_epoch: 0,
             opened: Instant::now(),
             produced_ms: Vec::new(),
             closed: VecDeque::new(),
@@ -332,6 +341,11 @@ impl Source {
         self.offsets.next_offsets()
     }
 
+    /// Bytes of records read and not yet durable (the open epoch and the closed ones).
+    fn bytes_in_flight(&self) -> usize {
+        self.bytes_in_epoch + self.closed.iter().map(|c| c.bytes).sum::<usize>()
+    }
+
     /// Reads up to the poll budget or the epoch's room; returns how many messages were read.
     /// A message below its partition's expected offset is not sent: the topic went back
     /// under the job, and the caller stops.
@@ -340,14 +354,14 @@ impl Source {
         reader: &mut PartitionReader,
         input: &mut InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<Envelope>>>,
         ctx: &IngestContext,
-        epoch_records: usize,
+        (epoch_records, epoch_bytes): (usize, usize),
         watch: &mut PartitionWatch,
     ) -> Result<usize, TopicReset> {
         let now = now_ms();
         let arrived = Instant::now();
         let (mut read, mut dead) = (0, 0);
         let mut error = None;
-        while read < POLL_BUDGET && self.in_epoch < epoch_records {
+        while read < POLL_BUDGET && self.in_epoch < epoch_records && self.bytes_in_epoch < epoch_bytes {
             let message = match reader.poll() {
                 Polled::Message(m) => m,
                 Polled::Nothing => break,
@@ -369,6 +383,7 @@ impl Source {
                 ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();
             }
             let envelope = Envelope::new(message.partition(), message.offset(), message.key(), raw, time_ms, decoded);
+            self.bytes_in_epoch += envelope.approx_bytes();
             input.send(envelope);
             if self.in_epoch == 0 {
                 self.opened = Instant::now();
@@ -391,7 +406,8 @@ impl Source {
         let epoch = *input.time();
         let produced_ms = std::mem::take(&mut self.produced_ms);
         self.last_closed = self.next_offsets();
-        self.closed.push_back(ClosedEpoch { epoch, offsets: self.last_closed.clone(), produced_ms });
+        let bytes = std::mem::take(&mut self.bytes_in_epoch);
+        self.closed.push_back(ClosedEpoch { epoch, offsets: self.last_closed.clone(), produced_ms, bytes });
         input.advance_to(epoch + 1);
         self.in_epoch = 0;
     }

@@ -116,15 +116,26 @@ fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCh
     let mut committed: Vec<(i32, i64)> = committed.into_iter().collect();
     committed.sort_unstable();
     let all: Vec<i32> = (0..ctx.partitions).collect();
-    let marks = crate::kafka::admin::watermarks(&args.kafka, &all)?;
+    let mut marks = std::collections::BTreeMap::new();
+    for (partition, answer) in crate::kafka::admin::watermarks_each(&args.kafka, &all)? {
+        match answer {
+            Ok(m) => {
+                marks.insert(partition, m);
+            }
+            // Checked while the job runs (kafka::watch), like every partition.
+            Err(e) => tracing::warn!(topic = %topic, partition, error = %e, "cannot check the partition at start"),
+        }
+    }
 
     let mut problems = Vec::new();
     let mut gaps = Vec::new();
     for &(partition, next) in &committed {
-        let Some(&(_, low, high)) = marks.iter().find(|m| m.0 == partition) else {
-            problems.push(format!("partition {partition} no longer exists (the topic has {} partitions)", ctx.partitions));
+        if partition >= ctx.partitions {
+            problems
+                .push(format!("partition {partition} no longer exists (the topic has {} partitions)", ctx.partitions));
             continue;
-        };
+        }
+        let Some(&(low, high)) = marks.get(&partition) else { continue };
         match check_start(next, low, high) {
             StartCheck::Fine => {}
             StartCheck::BeyondEnd { committed, end } => {
@@ -152,11 +163,10 @@ fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCh
         problems.join("; ")
     );
     match args.on_topic_reset {
+        // Not recorded as a reset: the operator may only have pointed the job at the wrong
+        // cluster, and must be able to fix that without starting over (a reset found while
+        // the job ran is recorded: the topic went back under it).
         OnTopicReset::Refuse => {
-            if pending.is_none() {
-                let event = Event { partition: committed.first().map_or(0, |c| c.0), kind: EventKind::Reset, range: None, detail: what.clone() };
-                events::record_now(&ctx.runtime, url, topic, &event, LAST_EVENT_TIMEOUT);
-            }
             anyhow::bail!(
                 "{what}. Refusing to start: its new messages would be dropped as replays. To read the topic again from \
                  its earliest offsets, forgetting the old offsets and exactly-once watermarks (rows already written \
@@ -164,10 +174,11 @@ fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCh
             )
         }
         OnTopicReset::StartOver => {
-            let starts: Vec<(i32, i64)> = marks.iter().map(|(p, low, _)| (*p, *low)).collect();
+            // A partition whose start is unknown gets no offset: it is read from the earliest.
+            let starts: Vec<(i32, i64)> = marks.iter().map(|(p, (low, _))| (*p, *low)).collect();
             ctx.runtime.block_on(async {
                 let mut client = crate::sink::connect(url).await?;
-                events::start_over(&mut client, topic, generation, &starts, &what).await
+                events::start_over(&mut client, topic, generation, &starts).await
             })?;
             tracing::warn!(
                 topic = %topic, ?starts,
@@ -380,7 +391,13 @@ impl PartitionWatch {
                     humantime::format_duration(self.stall_timeout)
                 );
                 let event = Event { partition, kind: EventKind::Stopped, range: None, detail: line.clone() };
-                events::record_now(&ctx.runtime, &ctx.args.database.database_url, &self.topic, &event, LAST_EVENT_TIMEOUT);
+                events::record_now(
+                    &ctx.runtime,
+                    &ctx.args.database.database_url,
+                    &self.topic,
+                    &event,
+                    LAST_EVENT_TIMEOUT,
+                );
                 Err(line)
             }
             _ => Ok(()),
@@ -455,7 +472,10 @@ impl PartitionWatch {
             "retention deleted {} messages of partition {} before the job read them (offsets {} to {}); going on",
             gap.count(), gap.partition, gap.from, gap.to - 1
         );
-        ctx.stats.skipped_offsets.get_or_create(&PartitionLabels { partition: gap.partition }).inc_by(gap.count() as u64);
+        ctx.stats
+            .skipped_offsets
+            .get_or_create(&PartitionLabels { partition: gap.partition })
+            .inc_by(gap.count() as u64);
     }
 }
 

@@ -49,6 +49,20 @@ pub struct BadOnlyRun {
     pub cpu_seconds_per_million: f64,
 }
 
+/// The job (1x2) flooded with messages at and over `--max-message-bytes`: its peak memory
+/// against the bound its settings give.
+#[derive(Debug, Serialize)]
+pub struct BigMessagesRun {
+    pub messages: u64,
+    pub message_bytes: usize,
+    pub seconds: f64,
+    pub megabytes_per_second: f64,
+    pub peak_rss_mib: f64,
+    /// --max-bytes-in-flight + per worker librdkafka's prefetch queue and fetch buffer
+    /// + the resident size of the same job on an empty topic.
+    pub bound_mib: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub records: u64,
@@ -60,6 +74,7 @@ pub struct BenchReport {
     pub consumer_settings: Vec<(String, String)>,
     pub jobs: Vec<JobRun>,
     pub bad_only: BadOnlyRun,
+    pub big: BigMessagesRun,
     pub steady_rate_records_per_second: f64,
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
@@ -160,6 +175,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds).sum::<f64>() / (letters as f64 / 1e6),
     };
 
+    let big_count = (args.records / 300).clamp(200, 3_000);
+    let big = big_messages_run(&runtime, &kafka, &args.database.database_url, stamp, big_count)?;
+
     let (mut steady_rate, mut p50, mut p99) = (0.0, 0, 0);
     if args.latency_seconds > 0 {
         let best = jobs.iter().filter(|j| j.flags.is_empty()).map(|j| j.rows_per_second).fold(0.0, f64::max);
@@ -188,6 +206,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             .collect(),
         jobs,
         bad_only,
+        big,
         steady_rate_records_per_second: steady_rate,
         latency_p50_ms: p50,
         latency_p99_ms: p99,
@@ -224,6 +243,16 @@ pub fn table(r: &BenchReport) -> String {
         b.ratio_to_good_1x2.map(|x| format!(", {:.0}% of 1x2 on good records,", x * 100.0)).unwrap_or_default(),
         b.cpu_seconds_per_million
     );
+    let g = &r.big;
+    out += &format!(
+        "1x2    {} messages of {} KiB  {:>8.1} MB/s   peak RSS {:.0} MiB of a {:.0} MiB bound ({:.0}%)\n",
+        g.messages,
+        g.message_bytes / 1024,
+        g.megabytes_per_second,
+        g.peak_rss_mib,
+        g.bound_mib,
+        g.peak_rss_mib / g.bound_mib * 100.0
+    );
     if r.steady_rate_records_per_second > 0.0 {
         out += &format!(
             "\nsteady state 2x2 at {:.0} records/s: produce-to-durable latency p50 {} ms, p99 {} ms\n",
@@ -231,6 +260,67 @@ pub fn table(r: &BenchReport) -> String {
         );
     }
     out
+}
+
+/// Half the messages are valid records padded to the size limit with an ignored field, half
+/// are over it (dead letters, of which 4 KiB are kept).
+fn big_messages_run(
+    runtime: &tokio::runtime::Runtime,
+    kafka: &KafkaArgs,
+    server_url: &str,
+    stamp: i64,
+    messages: u64,
+) -> anyhow::Result<BigMessagesRun> {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let limit = Limits::default().max_bytes;
+    let topic = KafkaArgs { topic: format!("{}_big", kafka.topic), ..kafka.clone() };
+    runtime.block_on(crate::kafka::admin::create_topic(&topic, 4, 1))?;
+    eprintln!("bench: job 1x2 on {messages} messages of about {} KiB", limit / 1024);
+    let deliveries = std::sync::Arc::new(crate::loadgen::Deliveries::default());
+    let producer = crate::kafka::producer::producer(&topic, crate::loadgen::ArcContext(deliveries.clone()))?;
+    let mut bytes = 0usize;
+    for i in 0..messages {
+        let id = format!("big{}", i % 100);
+        let size = if i % 2 == 0 { limit } else { limit + 4096 };
+        let head = format!(r#"{{"serverId":"{id}","cpu":{},"note":""#, i % 100);
+        let body = format!("{head}{}\"}}", "x".repeat(size - head.len() - 2));
+        bytes += body.len();
+        let mut record = BaseRecord::to(&topic.topic).key(&id).payload(&body);
+        while let Err((e, back)) = producer.send(record) {
+            if !matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) {
+                bail!("producing the large messages failed: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            record = back;
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let empty = KafkaArgs { topic: format!("{}_empty", kafka.topic), ..kafka.clone() };
+    runtime.block_on(crate::kafka::admin::create_topic(&empty, 4, 1))?;
+    let db = fresh_database(runtime, server_url, &format!("bench_empty_{stamp}"))?;
+    let idle = run_job(&empty, &db, "1x2", &["--exit-when-idle", "1s"], None)?;
+    let baseline = idle.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max);
+    let db = fresh_database(runtime, server_url, &format!("bench_big_{stamp}"))?;
+    let finished = run_job(&topic, &db, "1x2", &["--exit-when-idle", "1s"], None)?;
+    let handled: u64 = finished.iter().map(|f| f.rows + f.dead_letters).sum();
+    if handled != messages {
+        bail!("job 1x2 handled {handled} of {messages} large messages");
+    }
+    let seconds = finished.iter().map(|f| f.active_seconds).fold(0.0, f64::max);
+    let kib = |key: &str| {
+        crate::kafka::consumer::CONSUMER_TUNING.iter().find(|(k, _)| *k == key).and_then(|(_, v)| v.parse::<f64>().ok())
+    };
+    let per_worker_mib = kib("queued.max.messages.kbytes").unwrap_or(65536.0) / 1024.0
+        + kib("fetch.max.bytes").unwrap_or(52_428_800.0) / 1048576.0;
+    let defaults = crate::cli::RunArgs::default_max_bytes_in_flight() as f64 / 1048576.0;
+    Ok(BigMessagesRun {
+        messages: messages,
+        message_bytes: limit,
+        seconds,
+        megabytes_per_second: bytes as f64 / 1e6 / seconds.max(1e-9),
+        peak_rss_mib: finished.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max),
+        bound_mib: baseline + defaults + 2.0 * per_worker_mib,
+    })
 }
 
 fn kafka_ceiling(kafka: &KafkaArgs, expected: u64) -> anyhow::Result<f64> {

@@ -173,9 +173,48 @@ pub struct GatewayArgs {
     /// Bucket size of the per-serverId limit: records a server may send at once.
     #[arg(long, env = "FLEETFLOW_GATEWAY_RATE_BURST", default_value_t = 10)]
     pub rate_burst: u32,
-    /// Records produced but not yet acknowledged by Kafka, at most (503 beyond).
+    /// Records produced but not yet acknowledged by Kafka, at most. A request waits for room
+    /// (up to --produce-timeout, then 503); one with more valid records than this is a 413.
     #[arg(long, env = "FLEETFLOW_GATEWAY_MAX_IN_FLIGHT", default_value_t = 100_000)]
     pub max_in_flight: usize,
+    /// Records (JSON items or lines) one request may hold (413 beyond, naming the limit).
+    #[arg(long, env = "FLEETFLOW_GATEWAY_MAX_RECORDS", default_value_t = 10_000)]
+    pub max_records: usize,
+    /// Largest body after gzip decompression, in bytes (413 beyond).
+    #[arg(long, env = "FLEETFLOW_GATEWAY_MAX_DECOMPRESSED_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_decompressed_bytes: usize,
+    /// Rejection reasons a reply lists one by one (the rest are counted by reason).
+    #[arg(long, env = "FLEETFLOW_GATEWAY_MAX_REJECTION_DETAILS", default_value_t = 100)]
+    pub max_rejection_details: usize,
+    /// Open connections at most (HTTP/1.1: also requests at once); more wait in the kernel's backlog.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Time a client has to send the request headers (and to finish the TLS handshake); also
+    /// how long an idle keep-alive connection is kept.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Time a client has to send the whole request body (408 beyond).
+    #[arg(long, env = "FLEETFLOW_GATEWAY_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// On SIGTERM, how long open requests may take before their connections are dropped.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// How often /healthz's cached broker check runs.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+    /// Accepted bearer tokens, comma separated; each `TOKEN` or `TOKEN PREFIX` (then only
+    /// serverIds starting with PREFIX). None here and no --tokens-file: no authentication.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub tokens: Vec<String>,
+    /// File of accepted tokens, one `TOKEN [PREFIX]` a line (`#` comments).
+    #[arg(long, env = "FLEETFLOW_GATEWAY_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key, the gateway speaks HTTPS only.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "FLEETFLOW_GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// How long a record may wait for Kafka's acknowledgement before the request fails.
     #[arg(long, env = "FLEETFLOW_GATEWAY_PRODUCE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub produce_timeout: Duration,
@@ -274,6 +313,14 @@ pub struct RunArgs {
     /// Records a source worker puts in one epoch before it starts the next.
     #[arg(long, env = "FLEETFLOW_EPOCH_RECORDS", default_value_t = 1000)]
     pub epoch_records: usize,
+    /// Bytes (of decoded records in memory) a source worker puts in one epoch at most.
+    #[arg(long, env = "FLEETFLOW_EPOCH_BYTES", default_value_t = 4 << 20)]
+    pub epoch_bytes: usize,
+    /// Bytes of records a process holds that are read but not yet durable, at most (split
+    /// between its source workers): with large messages this, not the epoch count, is what
+    /// bounds memory. librdkafka's prefetch adds its own bounded queue per worker.
+    #[arg(long, env = "FLEETFLOW_MAX_BYTES_IN_FLIGHT", default_value_t = RunArgs::default_max_bytes_in_flight())]
+    pub max_bytes_in_flight: usize,
     /// Longest time an epoch with records stays open.
     #[arg(long, env = "FLEETFLOW_EPOCH_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     pub epoch_interval: Duration,
@@ -365,6 +412,13 @@ pub struct RunArgs {
     /// added to the topic are read from their earliest offset without a restart.
     #[arg(long, env = "FLEETFLOW_METADATA_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub metadata_interval: Duration,
+}
+
+impl RunArgs {
+    /// The default of `--max-bytes-in-flight` (the benchmark computes a memory bound from it).
+    pub const fn default_max_bytes_in_flight() -> usize {
+        64 << 20
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -126,6 +126,8 @@ pub fn timely_config(args: &RunArgs) -> Result<timely::Config, ConfigError> {
     }
     for (value, flag) in [
         (args.epoch_records, "--epoch-records"),
+        (args.epoch_bytes, "--epoch-bytes"),
+        (args.max_bytes_in_flight, "--max-bytes-in-flight"),
         (args.batch_size, "--batch-size"),
         (args.sink_connections.unwrap_or(1), "--sink-connections"),
         (args.max_epochs_in_flight as usize, "--max-epochs-in-flight"),

@@ -63,6 +63,27 @@ impl DeadLetter {
 }
 
 impl Envelope {
+    /// About how many bytes the envelope holds in memory, for the job's byte bounds.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Envelope>()
+            + match &self.item {
+                Item::Metric(m) => {
+                    m.server_id.len()
+                        + m.extra
+                            .iter()
+                            .map(|(name, _)| name.len() + std::mem::size_of::<(String, f64)>())
+                            .sum::<usize>()
+                }
+                Item::DeadLetter(d) => {
+                    d.raw.len()
+                        + d.key.as_ref().map_or(0, Vec::len)
+                        + d.kind.len()
+                        + d.reason.len()
+                        + d.raw_sha256.len()
+                }
+            }
+    }
+
     /// Wraps a decoding outcome. The key group is [`message_key_group`] of the message, for
     /// a valid record computed from its decoded serverId (the same answer, without parsing
     /// the message again).

@@ -30,6 +30,9 @@ pub const EXIT_FENCED: i32 = 4;
 /// the dataflow would only wait on peers that cannot finish either. Nothing is lost: what
 /// was not committed is read again on the next start.
 pub fn exit_fatal(code: i32, line: &str) -> ! {
+    // Several workers often fail the same way at once: the first one speaks for the process.
+    static EXITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _only_one = EXITING.lock();
     eprintln!("fleetflow: {line}");
     std::process::exit(code)
 }

@@ -154,6 +154,7 @@ async fn healthz(State(endpoint): State<Arc<Endpoint>>) -> Response {
         "rows_written": Stats::get(&s.rows_written),
         "stalled_partitions": stalled,
     });
-    let status = if s.database_waiting.any() || !stalled.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status =
+        if s.database_waiting.any() || !stalled.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, axum::Json(body)).into_response()
 }

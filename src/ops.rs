@@ -98,7 +98,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<String> {
     }
     out += &format!(
         "\ntotal lag: {}\n",
-        total_lag.map_or("unknown (Kafka unreachable)".into(), |l| format!("{l} messages"))
+        match total_lag {
+            Some(l) => format!("{l} messages"),
+            None if marks.values().any(Option::is_none) => "unknown (Kafka unreachable)".into(),
+            None => "unknown (see the notes)".into(),
+        }
     );
     for note in notes {
         out += &format!("note: {note}\n");
@@ -296,7 +300,10 @@ mod tests {
 
     #[test]
     fn status_names_gaps_resets_and_unread_partitions() {
-        assert_eq!(partition_line(0, Some(&at(90)), Some((0, 100)), Some(4)), PartitionLine { lag: Some(10), note: None });
+        assert_eq!(
+            partition_line(0, Some(&at(90)), Some((0, 100)), Some(4)),
+            PartitionLine { lag: Some(10), note: None }
+        );
         let gap = partition_line(1, Some(&at(10)), Some((500, 600)), Some(4));
         assert_eq!(gap.lag, Some(100));
         assert!(gap.note.unwrap().contains("retention deleted offsets 10 to 499 (490 messages)"));

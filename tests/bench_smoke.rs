@@ -35,6 +35,12 @@ fn bench_runs_and_reports_non_zero_figures() {
         assert!(job["cpu_seconds_per_million"].as_f64().unwrap() > 0.0, "{job}");
         assert!(job["peak_rss_mib_per_process"].as_array().unwrap().iter().all(|m| m.as_f64().unwrap() > 1.0), "{job}");
     }
+    // A stream of only malformed records (half the count), and a flood of large messages.
+    assert_eq!(report["bad_only"]["records"], 10_000, "{report}");
+    assert!(report["bad_only"]["dead_letters_per_second"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(report["big"]["messages"], 200, "{report}");
+    let big = &report["big"];
+    assert!(big["peak_rss_mib"].as_f64().unwrap() > 1.0 && big["bound_mib"].as_f64().unwrap() > 64.0, "{report}");
     assert!(report["latency_p99_ms"].as_u64().unwrap() >= report["latency_p50_ms"].as_u64().unwrap());
     assert!(report["latency_p50_ms"].as_u64().unwrap() > 0, "{report}");
 }

@@ -34,7 +34,10 @@ fn records_of_every_compression_codec_land_exactly_once() {
     }
 
     // The broker kept each producer's batches as they were compressed (it does not recompress).
-    assert_eq!(codecs_in_topic(&stack, PER_CODEC * CODECS.len() as u64), CODECS.iter().map(|c| c.to_string()).collect());
+    assert_eq!(
+        codecs_in_topic(&stack, PER_CODEC * CODECS.len() as u64),
+        CODECS.iter().map(|c| c.to_string()).collect()
+    );
 
     // A partition that cannot be read stops the job within the stall timeout, with its reason.
     let mut job = Job::start(&stack, "run", 1, 2, &["--exit-when-idle", "2s", "--stall-timeout", "20s"]);

@@ -16,10 +16,7 @@ fn a_record_the_database_refuses_is_dead_lettered_with_its_reason_and_its_neighb
     rt.block_on(async {
         let mut client = fleetflow::sink::connect(&stack.db.url).await.unwrap();
         fleetflow::sink::schema::migrate(&mut client, &stack.db.url).await.unwrap();
-        client
-            .batch_execute("ALTER TABLE metrics ADD CONSTRAINT cpu_at_most_100 CHECK (cpu <= 100)")
-            .await
-            .unwrap();
+        client.batch_execute("ALTER TABLE metrics ADD CONSTRAINT cpu_at_most_100 CHECK (cpu <= 100)").await.unwrap();
     });
 
     // 2,000 records of 50 servers; every 97th has a cpu the constraint refuses.

@@ -18,8 +18,12 @@ fn two_copies_started_together_write_once_and_one_of_them_refuses() {
     stack.produce(20_000, 100, 3, 0.0);
     let mut a = Job::start(&stack, "a", 1, 2, &["--exit-when-idle", "2s"]);
     let mut b = Job::start(&stack, "b", 1, 2, &["--exit-when-idle", "2s"]);
-    let codes: Vec<Option<i32>> =
-        a.wait(Duration::from_secs(120)).into_iter().chain(b.wait(Duration::from_secs(120))).map(|s| s.code()).collect();
+    let codes: Vec<Option<i32>> = a
+        .wait(Duration::from_secs(120))
+        .into_iter()
+        .chain(b.wait(Duration::from_secs(120)))
+        .map(|s| s.code())
+        .collect();
     let refused = codes.iter().filter(|c| **c == Some(FENCED)).count();
     let succeeded = codes.iter().filter(|c| **c == Some(0)).count();
     assert_eq!((succeeded, refused), (1, 1), "exit codes {codes:?}\n{}\n{}", a.log_tail(), b.log_tail());

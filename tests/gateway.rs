@@ -100,6 +100,7 @@ fn gateway_validates_limits_and_acknowledges_only_what_kafka_has() {
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.retry_after.is_some(), "429 without Retry-After");
     assert_eq!(r.body["accepted"], 5);
+    assert_eq!(r.body["retry"], serde_json::json!([5, 6, 7]), "{}", r.body);
     acknowledged += 5;
 
     // Line protocol: Telegraf's cpu and mem lines for one host and time become one record.
@@ -129,7 +130,14 @@ fn gateway_validates_limits_and_acknowledges_only_what_kafka_has() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.body["accepted"], 0);
     assert!(r.retry_after.is_some());
-    assert_eq!(get(&format!("{}/healthz", gw.url)).0, 503);
+    // The record timed out: its fate is unknown (it may be in Kafka), and the reply says which.
+    assert_eq!(r.body["unknown"], serde_json::json!([0]), "{}", r.body);
+    // /healthz answers from a periodic check (every 2 s by default).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while get(&format!("{}/healthz", gw.url)).0 != 503 {
+        assert!(std::time::Instant::now() < deadline, "/healthz still 200 with the broker down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -64,13 +64,18 @@ pub fn end_offset(kafka: &KafkaArgs, partition: i32) -> Result<i64, KafkaError> 
 /// The low and high watermarks of each partition: the first offset still stored, and the
 /// offset the next produced message will get.
 pub fn watermarks(kafka: &KafkaArgs, partitions: &[i32]) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
+    watermarks_each(kafka, partitions)?.into_iter().map(|(p, marks)| marks.map(|(low, high)| (p, low, high))).collect()
+}
+
+/// Like [`watermarks`], with an answer (or the reason there is none) per partition.
+#[allow(clippy::type_complexity)]
+pub fn watermarks_each(
+    kafka: &KafkaArgs,
+    partitions: &[i32],
+) -> Result<Vec<(i32, Result<(i64, i64), KafkaError>)>, KafkaError> {
     let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
-    partitions
+    Ok(partitions
         .iter()
-        .map(|p| {
-            let (low, high) =
-                consumer.fetch_watermarks(&kafka.topic, *p, METADATA_TIMEOUT).map_err(unreachable(kafka))?;
-            Ok((*p, low, high))
-        })
-        .collect()
+        .map(|p| (*p, consumer.fetch_watermarks(&kafka.topic, *p, METADATA_TIMEOUT).map_err(unreachable(kafka))))
+        .collect())
 }

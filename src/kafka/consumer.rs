@@ -11,20 +11,26 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError as RdError;
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{client_config, KafkaError};
 use crate::cli::KafkaArgs;
 
 /// Throughput settings of the job's consumers (the user's `-X` options still win):
-/// librdkafka's defaults leave throughput on the table (infrastructure.md).
-pub const CONSUMER_TUNING: &[(&str, &str)] =
-    &[("queued.min.messages", "200000"), ("fetch.max.bytes", "52428800"), ("max.partition.fetch.bytes", "10485760")];
+/// librdkafka's defaults leave throughput on the table (infrastructure.md). The prefetch
+/// queue is bounded in bytes too (librdkafka's default is 64 MiB per consumer), so large
+/// messages cannot fill memory before the job's own in-flight bound applies.
+pub const CONSUMER_TUNING: &[(&str, &str)] = &[
+    ("queued.min.messages", "200000"),
+    ("queued.max.messages.kbytes", "32768"),
+    ("fetch.max.bytes", "16777216"),
+    ("max.partition.fetch.bytes", "8388608"),
+];
 
 /// Where a partition starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,8 +51,9 @@ pub enum Polled<'a> {
     Error(RdError),
 }
 
-/// How long a broker may take to answer a watermark or metadata query of the worker loop.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a broker may take to answer a watermark or metadata query of the worker loop
+/// (which waits meanwhile).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The same error is logged again at most this often.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
@@ -65,24 +72,8 @@ pub struct PartitionReader {
 impl PartitionReader {
     /// Opens a consumer assigned to `starts` (partition, where to begin).
     pub fn open(kafka: &KafkaArgs, group: &str, starts: &[(i32, StartOffset)]) -> Result<Self, KafkaError> {
-        let mut settings: Vec<(&str, &str)> = vec![
-            ("group.id", group),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("enable.partition.eof", "true"),
-            // A committed offset that retention deleted: start at what is left (the job
-            // counts the gap, kafka::watch). An offset beyond the end (a recreated topic)
-            // also lands at the start; the job notices the step back and stops.
-            ("auto.offset.reset", "earliest"),
-            // Transactional producers: records of aborted transactions are never delivered,
-            // and open transactions are waited for. This is librdkafka's default; it is set
-            // here so that a -X override is a visible decision, not an accident. The
-            // consumer's position moves past the commit markers, so lag reaches 0.
-            ("isolation.level", "read_committed"),
-        ];
-        settings.extend_from_slice(CONSUMER_TUNING);
         let consumer: BaseConsumer<ReaderContext> =
-            client_config(kafka, &settings).create_with_context(ReaderContext::default())?;
+            client_config(kafka, &reader_settings(group)).create_with_context(ReaderContext::default())?;
         consumer.assign(&assignment_of(&kafka.topic, starts)?)?;
         let partitions: Vec<i32> = starts.iter().map(|(p, _)| *p).collect();
         Ok(PartitionReader {
@@ -233,6 +224,27 @@ impl PartitionReader {
     }
 }
 
+/// The settings of the job's consumers (the user's `-X` options still win).
+fn reader_settings(group: &str) -> Vec<(&str, &str)> {
+    let mut settings: Vec<(&str, &str)> = vec![
+        ("group.id", group),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("enable.partition.eof", "true"),
+        // A committed offset that retention deleted: start at what is left (the job counts
+        // the gap, kafka::watch). An offset beyond the end (a recreated topic) also lands at
+        // the start; the job notices the step back and stops.
+        ("auto.offset.reset", "earliest"),
+        // Transactional producers: records of aborted transactions are never delivered, and
+        // open transactions are waited for. This is librdkafka's default; it is set here so
+        // that a -X override is a visible decision, not an accident. The consumer's position
+        // moves past the commit markers, so lag and committed offsets reach the end.
+        ("isolation.level", "read_committed"),
+    ];
+    settings.extend_from_slice(CONSUMER_TUNING);
+    settings
+}
+
 /// The assignment list for `starts`.
 fn assignment_of(topic: &str, starts: &[(i32, StartOffset)]) -> Result<TopicPartitionList, RdError> {
     let mut assignment = TopicPartitionList::new();
@@ -285,3 +297,24 @@ impl rdkafka::ClientContext for ReaderContext {
 }
 
 impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_reads_committed_records_and_never_stores_offsets_itself() {
+        let settings = reader_settings("g");
+        let get = |key: &str| settings.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        assert_eq!(get("isolation.level"), Some("read_committed"));
+        assert_eq!(get("enable.auto.commit"), Some("false"));
+        assert_eq!(get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(get("auto.offset.reset"), Some("earliest"));
+        // librdkafka accepts them all.
+        let mut config = rdkafka::ClientConfig::new();
+        for (k, v) in &settings {
+            config.set(*k, *v);
+        }
+        assert!(config.create::<BaseConsumer>().is_ok());
+    }
+}

@@ -37,10 +37,8 @@ pub fn client_config(kafka: &KafkaArgs, defaults: &[(&str, &str)]) -> ClientConf
 
 /// The compression codecs this build of librdkafka can decode, as it reports them.
 pub fn codecs() -> Vec<&'static str> {
-    let features = ClientConfig::new()
-        .create_native_config()
-        .and_then(|c| c.get("builtin.features"))
-        .unwrap_or_default();
+    let features =
+        ClientConfig::new().create_native_config().and_then(|c| c.get("builtin.features")).unwrap_or_default();
     let features: Vec<&str> = features.split(',').map(str::trim).collect();
     ["gzip", "snappy", "lz4", "zstd"].into_iter().filter(|codec| features.contains(codec)).collect()
 }

@@ -76,7 +76,11 @@ impl StallDetector {
 
     /// Starts watching a partition (at start, or when it was added to the topic).
     pub fn add(&mut self, partition: i32, now: Instant) {
-        self.partitions.entry(partition).or_insert(PartitionQuiet { since: now, backlog: Backlog::Empty, stalled: false });
+        self.partitions.entry(partition).or_insert(PartitionQuiet {
+            since: now,
+            backlog: Backlog::Empty,
+            stalled: false,
+        });
     }
 
     /// A message of the partition arrived.
@@ -317,7 +321,11 @@ mod tests {
         assert!(d.check(at(t0, 29)).is_empty());
         assert_eq!(
             d.check(at(t0, 31)),
-            vec![StallChange::Stalled { partition: 0, quiet: Duration::from_secs(31), backlog: Backlog::Messages(500) }]
+            vec![StallChange::Stalled {
+                partition: 0,
+                quiet: Duration::from_secs(31),
+                backlog: Backlog::Messages(500)
+            }]
         );
         // Counted once, not on every check.
         assert!(d.check(at(t0, 40)).is_empty());

@@ -111,7 +111,6 @@ pub async fn start_over(
     topic: &str,
     generation: i64,
     starts: &[(i32, i64)],
-    detail: &str,
 ) -> Result<(), SinkError> {
     let tx = client.transaction().await?;
     super::fence::check(&tx, topic, generation).await?;
@@ -127,8 +126,10 @@ pub async fn start_over(
     .await?;
     tx.execute(
         "INSERT INTO fleetflow_partition_events (topic, partition, kind, from_offset, detail)
-         SELECT $1, p, 'started-over', n, $4 FROM unnest($2::int[], $3::bigint[]) AS t(p, n)",
-        &[&topic, &partitions, &offsets, &detail],
+         SELECT $1, p, 'started-over', n,
+                '--on-topic-reset start-over: old offsets and exactly-once watermarks forgotten; read again from offset ' || n
+         FROM unnest($2::int[], $3::bigint[]) AS t(p, n)",
+        &[&topic, &partitions, &offsets],
     )
     .await?;
     tx.commit().await?;
@@ -226,7 +227,13 @@ impl EventLog {
 }
 
 /// Records one event now (the last one before the job stops), waiting at most `timeout`.
-pub fn record_now(runtime: &tokio::runtime::Handle, url: &str, topic: &str, event: &Event, timeout: std::time::Duration) {
+pub fn record_now(
+    runtime: &tokio::runtime::Handle,
+    url: &str,
+    topic: &str,
+    event: &Event,
+    timeout: std::time::Duration,
+) {
     let result = runtime.block_on(async {
         tokio::time::timeout(timeout, async { record(&super::connect(url).await?, topic, event).await }).await
     });

@@ -62,7 +62,12 @@ pub async fn acquire(url: &str, topic: &str, holder: &str, take_over: bool) -> R
     if take_over {
         let ended = end_other_sessions(&client, &tag).await?;
         let generation = bump(&client, topic, holder).await?;
-        tracing::warn!(topic, generation, ended_sessions = ended, "--take-over: fenced out the job that held the topic");
+        tracing::warn!(
+            topic,
+            generation,
+            ended_sessions = ended,
+            "--take-over: fenced out the job that held the topic"
+        );
     }
     let deadline = tokio::time::Instant::now() + LOCK_WAIT;
     while !try_lock(&client, topic).await? {
@@ -74,7 +79,8 @@ pub async fn acquire(url: &str, topic: &str, holder: &str, take_over: bool) -> R
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let generation = if take_over { current(&client, topic).await?.unwrap_or(0) } else { bump(&client, topic, holder).await? };
+    let generation =
+        if take_over { current(&client, topic).await?.unwrap_or(0) } else { bump(&client, topic, holder).await? };
     tracing::info!(topic, generation, "this job holds the topic");
     tokio::spawn(keep(client, url.to_owned(), topic.to_owned(), generation));
     Ok(generation)

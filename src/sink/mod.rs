@@ -98,12 +98,7 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
         Some(code) => {
             let c = code.code();
             // 57014: a statement cancelled by statement_timeout (a hung lock or session).
-            c.starts_with("08")
-                || c.starts_with("57P")
-                || c == "57014"
-                || c == "40001"
-                || c == "40P01"
-                || c == "53300"
+            c.starts_with("08") || c.starts_with("57P") || c == "57014" || c == "40001" || c == "40P01" || c == "53300"
         }
     }
 }

@@ -142,6 +142,14 @@ const NATURAL_KEY_INDEX: &str = "metrics_natural_key";
 /// left by an earlier `--dedup natural-key` run keeps that mode on, since a plain COPY of a
 /// duplicate would now fail).
 pub async fn natural_key_index(client: &Client, create: bool) -> Result<bool, SinkError> {
+    // Processes of a job start together: one creates the index, the others find it.
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    let result = natural_key_index_locked(client, create).await;
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+    result
+}
+
+async fn natural_key_index_locked(client: &Client, create: bool) -> Result<bool, SinkError> {
     let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&NATURAL_KEY_INDEX]).await?.get(0);
     if exists || !create {
         return Ok(exists);

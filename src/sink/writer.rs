@@ -277,11 +277,7 @@ impl Writer {
         let refused_positions: fnv::FnvHashSet<(i32, i64)> =
             refused.iter().map(|(e, _)| (e.partition, e.offset)).collect();
         let written = |env: &&&Envelope| !refused_positions.contains(&(env.partition, env.offset));
-        let rows = if settings.natural_key {
-            inserted.len() as u64
-        } else {
-            plan.rows - refused.len() as u64
-        };
+        let rows = if settings.natural_key { inserted.len() as u64 } else { plan.rows - refused.len() as u64 };
         let mut rollup = RollupDelta::default();
         if settings.rollups {
             if settings.natural_key {
