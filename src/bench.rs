@@ -99,6 +99,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         bad_fraction: 0.0,
         duplicate_fraction: 0.0,
         gateway: None,
+        token: None,
         http_batch: 500,
         connections: 1,
     };
@@ -314,7 +315,7 @@ fn big_messages_run(
         + kib("fetch.max.bytes").unwrap_or(52_428_800.0) / 1048576.0;
     let defaults = crate::cli::RunArgs::default_max_bytes_in_flight() as f64 / 1048576.0;
     Ok(BigMessagesRun {
-        messages: messages,
+        messages,
         message_bytes: limit,
         seconds,
         megabytes_per_second: bytes as f64 / 1e6 / seconds.max(1e-9),

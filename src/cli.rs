@@ -451,6 +451,9 @@ pub struct LoadgenArgs {
     /// Send to the gateway at this URL (e.g. http://127.0.0.1:8080) instead of straight to Kafka.
     #[arg(long, env = "FLEETFLOW_GATEWAY_URL")]
     pub gateway: Option<String>,
+    /// Bearer token for a gateway that requires one.
+    #[arg(long, env = "FLEETFLOW_GATEWAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Records per HTTP request when sending to the gateway.
     #[arg(long, default_value_t = 500)]
     pub http_batch: usize,

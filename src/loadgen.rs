@@ -196,8 +196,9 @@ async fn pace(started: Instant, sent: u64, rate: Option<f64>) {
     }
 }
 
-/// Sends batches of NDJSON to the gateway over `--connections` keep-alive connections,
-/// retrying a batch after Retry-After on 429 and 503.
+/// Sends batches of NDJSON to the gateway over `--connections` keep-alive connections. As a
+/// well-behaved client does, it sends again only the records the reply lists under `retry`
+/// (certainly not stored) and `unknown` (Kafka did not answer in time), after Retry-After.
 async fn produce_http(args: &LoadgenArgs, url: &str, stop: &AtomicBool) -> anyhow::Result<LoadgenReport> {
     let (start_ms, rate) = plan(args)?;
     let fleet = std::sync::Mutex::new(fleet_for(args, start_ms));
@@ -219,30 +220,44 @@ async fn produce_http(args: &LoadgenArgs, url: &str, stop: &AtomicBool) -> anyho
                     return Ok::<(), anyhow::Error>(());
                 }
                 sent.fetch_add(room, Ordering::Relaxed);
-                (0..room).map(|_| fleet.next_record().1 + "\n").collect::<String>()
+                (0..room).map(|_| fleet.next_record().1).collect::<Vec<String>>()
             };
             pace(started, sent.load(Ordering::Relaxed), rate).await;
-            loop {
-                let response = client
+            let mut lines = body;
+            while !lines.is_empty() {
+                let mut request = client
                     .post(&endpoint)
                     .header("content-type", "application/x-ndjson")
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .with_context(|| format!("cannot reach the gateway at {endpoint}"))?;
+                    .body(lines.iter().map(|l| format!("{l}\n")).collect::<String>());
+                if let Some(token) = &args.token {
+                    request = request.bearer_auth(token);
+                }
+                let response =
+                    request.send().await.with_context(|| format!("cannot reach the gateway at {endpoint}"))?;
                 let status = response.status().as_u16();
                 let retry =
                     response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
                 let reply: serde_json::Value =
                     serde_json::from_slice(&response.bytes().await.unwrap_or_default()).unwrap_or_default();
                 match status {
-                    202 | 400 => {
+                    202 | 400 | 429 | 503 => {
                         accepted.fetch_add(reply["accepted"].as_u64().unwrap_or(0), Ordering::Relaxed);
-                        rejected
-                            .fetch_add(reply["rejected"].as_array().map_or(0, |r| r.len() as u64), Ordering::Relaxed);
-                        break;
+                        rejected.fetch_add(reply["rejected_count"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                        let again: std::collections::BTreeSet<usize> = ["retry", "unknown"]
+                            .iter()
+                            .flat_map(|key| reply[*key].as_array().cloned().unwrap_or_default())
+                            .filter_map(|i| i.as_u64().map(|i| i as usize))
+                            .collect();
+                        if status >= 429 && again.is_empty() {
+                            // An older gateway without per-record replies: send the whole batch again.
+                            tokio::time::sleep(Duration::from_secs(retry)).await;
+                            continue;
+                        }
+                        lines = again.into_iter().filter_map(|i| lines.get(i).cloned()).collect();
+                        if !lines.is_empty() {
+                            tokio::time::sleep(Duration::from_secs(retry)).await;
+                        }
                     }
-                    429 | 503 => tokio::time::sleep(Duration::from_secs(retry)).await,
                     other => anyhow::bail!("the gateway answered {other}: {reply}"),
                 }
             }

@@ -11,7 +11,16 @@ use rdkafka::producer::{BaseRecord, Producer};
 
 #[test]
 fn a_record_the_database_refuses_is_dead_lettered_with_its_reason_and_its_neighbours_land() {
-    let stack = Stack::start("db_rejects", 2);
+    refused_records_become_dead_letters("db_rejects", &[]);
+}
+
+#[test]
+fn with_natural_key_dedup_a_refused_record_is_dead_lettered_too() {
+    refused_records_become_dead_letters("db_rejects_nk", &["--dedup", "natural-key"]);
+}
+
+fn refused_records_become_dead_letters(name: &str, flags: &[&str]) {
+    let stack = Stack::start(name, 2);
     let rt = common::runtime();
     rt.block_on(async {
         let mut client = fleetflow::sink::connect(&stack.db.url).await.unwrap();
@@ -39,7 +48,9 @@ fn a_record_the_database_refuses_is_dead_lettered_with_its_reason_and_its_neighb
 
     // Two runs: the second finds nothing left to do (dead letters are exactly once too).
     for run in ["first", "second"] {
-        let mut job = Job::start(&stack, run, 1, 2, &["--exit-when-idle", "2s"]);
+        let mut args = vec!["--exit-when-idle", "2s"];
+        args.extend_from_slice(flags);
+        let mut job = Job::start(&stack, run, 1, 2, &args);
         job.wait_success(Duration::from_secs(120));
     }
     let good = (total - refused.len()) as i64;

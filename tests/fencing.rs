@@ -34,6 +34,14 @@ fn two_copies_started_together_write_once_and_one_of_them_refuses() {
         "the refusal names the holder:\n{refusal}"
     );
     assert_exactly_once(&stack, 20_000, 2);
+
+    // status names the holder, and that it is no longer running.
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetflow"))
+        .args(["status", "--brokers", &stack.broker.addr, "--database-url", &stack.db.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("held by: host ") && text.contains("not running now"), "{text}");
 }
 
 #[test]

@@ -34,6 +34,7 @@ fn a_partition_that_cannot_be_read_is_reported_then_stops_the_job_with_its_cause
         bad_fraction: 0.0,
         duplicate_fraction: 0.0,
         gateway: None,
+        token: None,
         http_batch: 500,
         connections: 1,
     };

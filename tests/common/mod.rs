@@ -261,6 +261,7 @@ impl Stack {
             bad_fraction: 0.0,
             duplicate_fraction: 0.0,
             gateway: None,
+            token: None,
             http_batch: 500,
             connections: 1,
         }
