@@ -1,4 +1,4 @@
-//! The ingest dataflow, as in design.md:
+//! The ingest dataflow, as in docs/architecture.md:
 //!
 //! ```text
 //! source (this worker's Kafka partitions, decoded, stamped with an epoch)

@@ -1,4 +1,4 @@
-//! The dataflows, each readable top to bottom as the picture in `design.md`.
+//! The dataflows, each readable top to bottom as the picture in `docs/architecture.md`.
 //!
 //! - [`ingest`]: Kafka partitions -> decode -> exchange by serverId -> batch -> durable sink,
 //!   with offsets committed behind the frontier.

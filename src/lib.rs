@@ -1,5 +1,5 @@
 //! fleetflow: server metrics from Kafka into TimescaleDB with a timely-dataflow job,
-//! exactly once. See README.md for the picture and `../shared/notes/design.md` for the
+//! exactly once. See README.md for the picture and `docs/architecture.md` for the
 //! promises; each module below owns one concern.
 #![deny(unsafe_code)]
 

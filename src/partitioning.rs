@@ -2,9 +2,9 @@
 //! to sink workers.
 //!
 //! Every process must compute the same answers, so nothing here uses a randomly seeded hash.
-//! Key groups are the unit of exactly-once bookkeeping (see `sink::watermarks`): their number
-//! is fixed forever, so a job restarted with a different worker count still finds, for each
-//! key group, how far the previous run wrote.
+//! Key groups are the unit of exactly-once bookkeeping (see `sink::offsets` and
+//! docs/architecture.md): their number is fixed forever, so a job restarted with a different
+//! worker count still finds, for each key group, how far the previous run wrote.
 
 use std::hash::Hasher;
 
