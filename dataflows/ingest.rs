@@ -208,8 +208,6 @@ pub struct TopicHeld(pub String);
 /// `sink::fence`) and broadcasts the outcome, so a job that is refused stops in every
 /// process with the same line, and no process can pick up another job's generation.
 fn agree_on_generation(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<i64> {
-    use timely::dataflow::operators::vec::Broadcast;
-    use timely::dataflow::operators::Inspect;
     let args = &ctx.args;
     // (generation, or -1 when another job holds the topic / -2 on any other error, with the
     // line saying why not)
@@ -224,21 +222,7 @@ fn agree_on_generation(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Resu
             Err(e) => (-2, e.to_string()),
         }
     });
-    let received = std::rc::Rc::new(std::cell::RefCell::new(None));
-    let seen = received.clone();
-    let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-        let (input, stream) = timely::dataflow::operators::vec::Input::new_input::<(i64, String)>(&scope);
-        let (probe, _) = stream.broadcast().inspect(move |x| *seen.borrow_mut() = Some(x.clone())).probe();
-        (input, probe)
-    });
-    if let Some(outcome) = outcome {
-        input.send(outcome);
-    }
-    drop(input);
-    while !probe.done() {
-        worker.step_or_park(Some(Duration::from_millis(5)));
-    }
-    match received.take() {
+    match super::operators::from_first_worker::from_first_worker(worker, outcome) {
         Some((generation, _)) if generation >= 0 => Ok(generation),
         Some((-1, line)) => Err(TopicHeld(line).into()),
         Some((_, line)) => Err(anyhow::anyhow!(line)),

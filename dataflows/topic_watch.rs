@@ -66,11 +66,12 @@ impl TopicCheck {
 /// Checks the committed offsets against the topic (worker 0, after the job took the topic)
 /// and tells every worker the outcome; a refusal is the same one line in every process.
 pub fn check_topic(worker: &mut Worker, ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCheck> {
-    let outcome = (worker.index() == 0).then(|| match inspect_topic(ctx, generation) {
+    // (the line that refuses, or empty; first run; gaps as (partition, from, to))
+    let outcome: Option<Outcome> = (worker.index() == 0).then(|| match inspect_topic(ctx, generation) {
         Ok(c) => (String::new(), c.first_run, c.gaps.iter().map(|g| (g.partition, g.from, g.to)).collect()),
         Err(e) => (crate::one_line(&e), false, Vec::new()),
     });
-    match broadcast_from_first(worker, outcome) {
+    match super::operators::from_first_worker::from_first_worker(worker, outcome) {
         Some((line, _, _)) if !line.is_empty() => Err(anyhow::anyhow!(line)),
         Some((_, first_run, gaps)) => Ok(TopicCheck {
             first_run,
@@ -81,27 +82,6 @@ pub fn check_topic(worker: &mut Worker, ctx: &IngestContext, generation: i64) ->
 }
 
 type Outcome = (String, bool, Vec<(i32, i64, i64)>);
-
-/// Sends worker 0's value to every worker and waits for it: a barrier.
-fn broadcast_from_first(worker: &mut Worker, value: Option<Outcome>) -> Option<Outcome> {
-    use timely::dataflow::operators::vec::Broadcast;
-    use timely::dataflow::operators::{Inspect, Probe};
-    let received = std::rc::Rc::new(std::cell::RefCell::new(None));
-    let seen = received.clone();
-    let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-        let (input, stream) = timely::dataflow::operators::vec::Input::new_input::<Outcome>(&scope);
-        let (probe, _) = stream.broadcast().inspect(move |x| *seen.borrow_mut() = Some(x.clone())).probe();
-        (input, probe)
-    });
-    if let Some(value) = value {
-        input.send(value);
-    }
-    drop(input);
-    while !probe.done() {
-        worker.step_or_park(Some(Duration::from_millis(5)));
-    }
-    received.take()
-}
 
 /// The start-up check itself (worker 0).
 fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCheck> {

@@ -2,3 +2,4 @@
 
 pub mod batch;
 pub mod durable_sink;
+pub mod from_first_worker;
