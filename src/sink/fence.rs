@@ -158,22 +158,28 @@ async fn refusal(client: &Client, topic: &str) -> String {
 
 /// Keeps the lock session alive; after losing it (the database restarted, the network
 /// broke) takes the lock back, or stops the process if another job got it meanwhile.
-async fn keep(mut client: Client, url: String, topic: String, generation: i64) {
+async fn keep(client: Client, url: String, topic: String, generation: i64) {
     let tag = session_tag(&topic);
+    let mut client = Some(client);
     loop {
         tokio::time::sleep(KEEPER_INTERVAL).await;
-        let alive = tokio::time::timeout(Duration::from_secs(10), client.simple_query("SELECT 1")).await;
-        if matches!(alive, Ok(Ok(_))) {
-            continue;
+        if let Some(c) = &client {
+            let alive = tokio::time::timeout(Duration::from_secs(10), c.simple_query("SELECT 1")).await;
+            if matches!(alive, Ok(Ok(_))) {
+                continue;
+            }
         }
         tracing::warn!(topic, "lost the database session that holds the topic; taking it back");
+        // Close the old session first: if it is only slow, it still holds the lock, and the
+        // server releases it once it sees the connection closed.
+        drop(client.take());
         let mut attempt = 0;
-        client = loop {
+        let again = loop {
             tokio::time::sleep(backoff(attempt)).await;
             attempt += 1;
-            let Ok(client) = connect_as(&url, &tag).await else { continue };
-            match (try_lock(&client, &topic).await, current(&client, &topic).await) {
-                (Ok(true), Ok(Some(g))) if g == generation => break client,
+            let Ok(c) = connect_as(&url, &tag).await else { continue };
+            match (try_lock(&c, &topic).await, current(&c, &topic).await) {
+                (Ok(true), Ok(Some(g))) if g == generation => break c,
                 // Still ours, but the server has not yet noticed that our old session is gone.
                 (Ok(false), Ok(Some(g))) if g == generation => continue,
                 (Ok(_), Ok(found)) => {
@@ -182,6 +188,7 @@ async fn keep(mut client: Client, url: String, topic: String, generation: i64) {
                 _ => continue,
             }
         };
+        client = Some(again);
         tracing::info!(topic, generation, "holding the topic again");
     }
 }
