@@ -9,6 +9,7 @@ use anyhow::Context;
 
 use crate::cli::RunArgs;
 use crate::dataflows::ingest::{run_worker, IngestContext};
+use crate::exit::{exit_with, Exit};
 use crate::stats::Stats;
 
 /// Runs `fleetflow run` to completion (shutdown signal or `--exit-when-idle`).
@@ -78,8 +79,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let guards = timely::execute(timely_config, move |worker| {
         if let Err(e) = run_worker(worker, &ctx) {
             // The other workers cannot finish without this one: stop the process.
-            let code = if e.is::<crate::dataflows::ingest::TopicHeld>() { crate::EXIT_FENCED } else { 1 };
-            crate::exit_fatal(code, &format!("worker {}: {}", worker.index(), crate::one_line(&e)));
+            let exit = if e.is::<crate::dataflows::ingest::TopicHeld>() { Exit::Fenced } else { Exit::Error };
+            exit_with(exit, &format!("worker {}: {}", worker.index(), crate::one_line(&e)));
         }
     })
     .map_err(|e| anyhow::anyhow!("cannot start the timely workers: {e}"))?;
@@ -128,7 +129,7 @@ fn spawn_shutdown_watchdog(shutdown: Arc<AtomicBool>, timeout: Duration) {
         tracing::info!(timeout = ?timeout, "shutting down: finishing the open epochs");
         std::thread::sleep(timeout);
         tracing::warn!("shutdown timed out; abandoning epochs that are not durable (they will be re-read on restart)");
-        std::process::exit(0);
+        std::process::exit(Exit::Ok.code());
     });
 }
 
@@ -142,12 +143,14 @@ fn spawn_connect_watchdog(connected: Arc<AtomicBool>, timeout: Duration) {
             std::thread::sleep(Duration::from_millis(50));
         }
         if !connected.load(Ordering::Relaxed) {
-            eprintln!(
-                "fleetflow: the other processes of the job did not connect within {}; start every process \
-                 with the same --hosts/--hostfile, --processes and --workers, each with its own --process-id",
-                humantime::format_duration(timeout)
+            exit_with(
+                Exit::LostPeer,
+                &format!(
+                    "the other processes of the job did not connect within {}; start every process with the \
+                     same --hosts/--hostfile, --processes and --workers, each with its own --process-id",
+                    humantime::format_duration(timeout)
+                ),
             );
-            std::process::exit(3);
         }
     });
 }
@@ -202,16 +205,20 @@ fn install_panic_hook() {
         // first, panic inside timely's communication crate with a less telling one.
         let in_communication = info.location().is_some_and(|l| l.file().contains("timely_communication"));
         if message.contains("timely communication error") || in_communication {
-            eprintln!(
-                "fleetflow: lost the connection to another process of the job ({message}); stopping. \
-                 Restart every process of the job: uncommitted records are read again, nothing is lost."
+            exit_with(
+                Exit::LostPeer,
+                &format!(
+                    "lost the connection to another process of the job ({message}); stopping. Restart every \
+                     process of the job: uncommitted records are read again, nothing is lost."
+                ),
             );
-            std::process::exit(3);
         }
         let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
         let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        eprintln!("fleetflow: internal error in thread {thread}: {message}{location}; stopping (please report this)");
-        std::process::exit(101);
+        exit_with(
+            Exit::Internal,
+            &format!("internal error in thread {thread}: {message}{location}; stopping (please report this)"),
+        );
     }));
 }
 

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod envelope;
+pub mod exit;
 pub mod gateway;
 pub mod job;
 pub mod kafka;
@@ -21,21 +22,6 @@ pub mod stats;
 
 #[path = "../dataflows/mod.rs"]
 pub mod dataflows;
-
-/// Exit code of a job that stopped because another copy of it holds the topic.
-pub const EXIT_FENCED: i32 = 4;
-
-/// Ends the process at once with one line on stderr. For errors found on a background task
-/// (a writer, the committer, the fence keeper) that no worker can recover from: unwinding
-/// the dataflow would only wait on peers that cannot finish either. Nothing is lost: what
-/// was not committed is read again on the next start.
-pub fn exit_fatal(code: i32, line: &str) -> ! {
-    // Several workers often fail the same way at once: the first one speaks for the process.
-    static EXITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _only_one = EXITING.lock();
-    eprintln!("fleetflow: {line}");
-    std::process::exit(code)
-}
 
 /// An error and its causes as one line for the user, leaving out a cause whose text the line
 /// already holds (our messages and the client libraries' often quote their cause).

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
         Ok(options) => options,
         Err(e) => {
             eprintln!("fleetflow: {e}");
-            return ExitCode::from(2);
+            return fleetflow::exit::Exit::Usage.into();
         }
     };
     let mut cli = match Cli::try_parse() {
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
                 first = format!("{first} {}", lines.next().unwrap_or_default());
             }
             eprintln!("fleetflow: {first} (see --help)");
-            return ExitCode::from(2);
+            return fleetflow::exit::Exit::Usage.into();
         }
     };
     if let Some(kafka) = kafka_args(&mut cli.command) {
@@ -42,10 +42,10 @@ fn main() -> ExitCode {
     }
     init_logging();
     match dispatch(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => fleetflow::exit::Exit::Ok.into(),
         Err(e) => {
             eprintln!("fleetflow: {}", fleetflow::one_line(&e));
-            ExitCode::FAILURE
+            fleetflow::exit::Exit::Error.into()
         }
     }
 }

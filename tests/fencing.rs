@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{assert_exactly_once, Job, Stack};
 
-/// Exit code of a job fenced out by another copy (fleetflow::EXIT_FENCED).
+/// Exit code of a job fenced out by another copy, as the README documents it.
 const FENCED: i32 = 4;
 
 #[test]

@@ -182,9 +182,10 @@ async fn keep(client: Client, url: String, topic: String, generation: i64) {
                 (Ok(true), Ok(Some(g))) if g == generation => break c,
                 // Still ours, but the server has not yet noticed that our old session is gone.
                 (Ok(false), Ok(Some(g))) if g == generation => continue,
-                (Ok(_), Ok(found)) => {
-                    crate::exit_fatal(crate::EXIT_FENCED, &fenced_out(&topic, generation, found).to_string())
-                }
+                (Ok(_), Ok(found)) => crate::exit::exit_with(
+                    crate::exit::Exit::Fenced,
+                    &fenced_out(&topic, generation, found).to_string(),
+                ),
                 _ => continue,
             }
         };

@@ -123,7 +123,7 @@ impl Committer {
                         };
                         match result {
                             Ok(()) => break,
-                            Err(SinkError::Fenced(line)) => crate::exit_fatal(crate::EXIT_FENCED, &line),
+                            Err(SinkError::Fenced(line)) => crate::exit::exit_with(crate::exit::Exit::Fenced, &line),
                             Err(e) => {
                                 Stats::add(&stats.database_errors, 1);
                                 tracing::warn!(error = %e, attempt, "committing offsets failed; retrying")

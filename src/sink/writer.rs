@@ -191,7 +191,7 @@ impl Writer {
             };
             Stats::add(&self.stats.database_errors, 1);
             if let SinkError::Fenced(line) = &e {
-                crate::exit_fatal(crate::EXIT_FENCED, line);
+                crate::exit::exit_with(crate::exit::Exit::Fenced, line);
             }
             if is_data_error(&e) && !isolate {
                 // The transaction rolled back; the connection is fine. Find the rows.
@@ -200,8 +200,8 @@ impl Writer {
                 continue;
             }
             if !e.is_transient() {
-                crate::exit_fatal(
-                    1,
+                crate::exit::exit_with(
+                    crate::exit::Exit::Error,
                     &format!(
                         "worker {worker}: the database refused a write for a reason that cannot be pinned on a \
                          record: {e}. Stopping; nothing of it was committed, and it is read again on the next start"
