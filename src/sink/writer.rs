@@ -322,13 +322,16 @@ impl Writer {
         }
         tx.commit().await?;
 
-        for (env, d) in &refused_letters {
+        // One line per transaction, not per row: a constraint that refuses everything must
+        // not flood the log.
+        if let Some((env, d)) = refused_letters.first() {
             tracing::warn!(
                 worker = settings.worker,
+                refused = refused_letters.len(),
                 partition = env.partition,
                 offset = env.offset,
                 reason = %d.reason,
-                "the database refused a record; it is a dead letter"
+                "the database refused records; they are dead letters (the first one is shown)"
             );
         }
         self.stats.copy_seconds.observe(started.elapsed().as_secs_f64());
