@@ -385,8 +385,9 @@ pub struct RunArgs {
     /// fleetflow_audit). Costs a little; meant for tests and investigations.
     #[arg(long, env = "FLEETFLOW_AUDIT")]
     pub audit: bool,
-    /// A write transaction or offset commit that takes longer means the database (or the
-    /// session) hung: it is abandoned and retried on a new connection, and /healthz says so.
+    /// A database call of a write (a statement, the commit) or an offset commit that takes
+    /// longer means the database (or the session) hung: the write is abandoned and retried on
+    /// a new connection, and /healthz says so.
     #[arg(long, env = "FLEETFLOW_DATABASE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub database_timeout: Duration,
     /// Take the topic from another job that still holds it (one frozen or cut off from its

@@ -74,7 +74,8 @@ pub struct WriterSettings {
     pub rollups: bool,
     /// The job's fencing generation (see `sink::fence`); checked by every transaction.
     pub generation: i64,
-    /// A write transaction (and each statement in it) that takes longer has hung.
+    /// A database call of a write (each statement, the commit, a reconnect) that takes longer
+    /// means the database or the session hung.
     pub timeout: Duration,
 }
 
@@ -174,11 +175,7 @@ impl Writer {
         let mut attempt = 0u32;
         let mut isolate = false;
         loop {
-            let result = match tokio::time::timeout(self.settings.timeout, self.try_write(group, isolate)).await {
-                Ok(result) => result,
-                Err(_) => Err(SinkError::Timeout(self.settings.timeout)),
-            };
-            let e = match result {
+            let e = match self.try_write(group, isolate).await {
                 Ok(()) => {
                     if attempt > 0 {
                         tracing::info!(worker, connection, attempt, "database is back; write committed");
@@ -248,15 +245,16 @@ impl Writer {
     }
 
     async fn try_write(&mut self, group: &[EpochWrite], isolate: bool) -> Result<(), SinkError> {
+        let t = self.settings.timeout;
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.reconnect().await?;
+            within(t, self.reconnect()).await?;
         }
         let plan = plan(group, &self.watermarks);
         let started = std::time::Instant::now();
         let settings = &self.settings;
         let client = self.client.as_mut().expect("connected above");
-        let tx = client.transaction().await?;
-        super::fence::check(&tx, &settings.topic, settings.generation).await?;
+        let tx = within(t, client.transaction()).await?;
+        within(t, super::fence::check(&tx, &settings.topic, settings.generation)).await?;
         let copy = if settings.natural_key { COPY_STAGING } else { COPY_METRICS };
         // Rows the database refused (only when isolating), and with --dedup natural-key the
         // rows that were new: only those count, in the rows and in the rollups.
@@ -264,14 +262,14 @@ impl Writer {
         let mut inserted: Vec<Metric> = Vec::new();
         if isolate {
             for batch in &plan.batches {
-                write_isolating(&tx, copy, settings.natural_key, batch, &mut refused, &mut inserted).await?;
+                write_isolating(&tx, t, copy, settings.natural_key, batch, &mut refused, &mut inserted).await?;
             }
         } else {
             for batch in &plan.batches {
-                copy_batch(&tx, copy, batch).await?;
+                within(t, copy_batch(&tx, copy, batch)).await?;
             }
             if settings.natural_key && plan.rows > 0 {
-                inserted = tx.query(INSERT_FROM_STAGING, &[]).await?.iter().map(inserted_metric).collect();
+                inserted = within(t, tx.query(INSERT_FROM_STAGING, &[])).await?.iter().map(inserted_metric).collect();
             }
         }
         let refused_positions: fnv::FnvHashSet<(i32, i64)> =
@@ -292,7 +290,7 @@ impl Writer {
         }
         // Each connection of each worker has its own histogram shard.
         let shard = (settings.worker * settings.connections + settings.connection) as i32;
-        rollup.apply(&tx, shard).await?;
+        within(t, rollup.apply(&tx, shard)).await?;
         let refused_letters: Vec<(&Envelope, DeadLetter)> = refused
             .into_iter()
             .filter_map(|(env, reason)| match &env.item {
@@ -313,14 +311,14 @@ impl Writer {
             offset: env.offset,
             letter: d,
         }));
-        copy_dead_letters(&tx, &settings.topic, &letters).await?;
-        raise_watermarks(&tx, &settings.topic, &plan.watermarks).await?;
+        within(t, copy_dead_letters(&tx, &settings.topic, &letters)).await?;
+        within(t, raise_watermarks(&tx, &settings.topic, &plan.watermarks)).await?;
         if let Some(run) = &settings.audit_run {
             let batches: Vec<Vec<&Envelope>> =
                 plan.batches.iter().map(|b| b.iter().filter(written).copied().collect()).collect();
-            audit(&tx, run, settings.worker, &batches).await?;
+            within(t, audit(&tx, run, settings.worker, &batches)).await?;
         }
-        tx.commit().await?;
+        within(t, tx.commit()).await?;
 
         // One line per transaction, not per row: a constraint that refuses everything must
         // not flood the log.
@@ -368,6 +366,7 @@ async fn wait_for_session_end(client: &Client, stale: Session) -> Result<(), Sin
 /// database's reason; everything else is written.
 async fn write_isolating<'a>(
     tx: &Transaction<'_>,
+    t: Duration,
     copy: &str,
     natural_key: bool,
     batch: &[&'a Envelope],
@@ -376,12 +375,13 @@ async fn write_isolating<'a>(
 ) -> Result<(), SinkError> {
     let mut parts = vec![batch];
     while let Some(part) = parts.pop() {
-        tx.batch_execute("SAVEPOINT fleetflow_part").await?;
+        within(t, tx.batch_execute("SAVEPOINT fleetflow_part")).await?;
         let result = async {
-            copy_batch(tx, copy, part).await?;
+            within(t, copy_batch(tx, copy, part)).await?;
             if natural_key {
-                let new: Vec<Metric> = tx.query(INSERT_FROM_STAGING, &[]).await?.iter().map(inserted_metric).collect();
-                tx.batch_execute("DELETE FROM fleetflow_staging").await?;
+                let new = within(t, tx.query(INSERT_FROM_STAGING, &[])).await?;
+                let new: Vec<Metric> = new.iter().map(inserted_metric).collect();
+                within(t, tx.batch_execute("DELETE FROM fleetflow_staging")).await?;
                 return Ok(new);
             }
             Ok::<_, SinkError>(Vec::new())
@@ -389,11 +389,11 @@ async fn write_isolating<'a>(
         .await;
         match result {
             Ok(new) => {
-                tx.batch_execute("RELEASE SAVEPOINT fleetflow_part").await?;
+                within(t, tx.batch_execute("RELEASE SAVEPOINT fleetflow_part")).await?;
                 inserted.extend(new);
             }
             Err(e) if is_data_error(&e) => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT fleetflow_part").await?;
+                within(t, tx.batch_execute("ROLLBACK TO SAVEPOINT fleetflow_part")).await?;
                 if let [one] = part {
                     refused.push((one, format!("the database refused the record: {}", describe(&e))));
                 } else {
@@ -407,6 +407,19 @@ async fn write_isolating<'a>(
         }
     }
     Ok(())
+}
+
+/// Runs one database call (or the reconnect), giving up after `limit`: past it the database
+/// or the session hung. Per call, not per transaction: a large transaction that is bisecting
+/// refused rows makes progress call by call and must not be cut short as a whole.
+async fn within<T, E: Into<SinkError>>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, SinkError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(SinkError::Timeout(limit)),
+    }
 }
 
 /// The database's words for a refused row (without our "database error:" prefix).
