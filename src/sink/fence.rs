@@ -193,3 +193,19 @@ async fn keep(client: Client, url: String, topic: String, generation: i64) {
         tracing::info!(topic, generation, "holding the topic again");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_tag_is_per_topic_and_fits_an_application_name() {
+        let long = "t".repeat(249); // Kafka's longest topic name
+        for topic in ["metrics", "other", long.as_str()] {
+            let tag = session_tag(topic);
+            assert!(tag.len() <= 63, "{tag}");
+            assert_eq!(tag, session_tag(topic), "the same in every process");
+        }
+        assert_ne!(session_tag("metrics"), session_tag("metrics2"));
+    }
+}
