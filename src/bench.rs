@@ -89,19 +89,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
 
     let start_time = crate::record::format_micros((now_ms() - 86_400_000) * 1000);
     let loadgen = |kafka: KafkaArgs, count: u64, rate: Option<f64>, start_time: Option<String>| LoadgenArgs {
-        kafka,
-        servers: args.servers,
-        interval: Duration::from_secs(10),
-        count: Some(count),
         rate,
-        seed: 1,
         start_time,
-        bad_fraction: 0.0,
-        duplicate_fraction: 0.0,
-        gateway: None,
-        token: None,
-        http_batch: 500,
-        connections: 1,
+        ..LoadgenArgs::straight_to_kafka(kafka, args.servers, count, 1)
     };
     eprintln!("bench: producing {} records to {}", args.records, kafka.topic);
     let produced = crate::loadgen::produce(

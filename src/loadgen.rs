@@ -142,6 +142,29 @@ pub struct LoadgenReport {
     pub seconds: f64,
 }
 
+impl LoadgenArgs {
+    /// `count` records of `servers` simulated servers straight to Kafka, as fast as possible,
+    /// a report every 10 s per server, none malformed or repeated: what the tests and the
+    /// benchmark produce (they change fields from here).
+    pub fn straight_to_kafka(kafka: crate::cli::KafkaArgs, servers: u32, count: u64, seed: u64) -> LoadgenArgs {
+        LoadgenArgs {
+            kafka,
+            servers,
+            interval: Duration::from_secs(10),
+            count: Some(count),
+            rate: None,
+            seed,
+            start_time: None,
+            bad_fraction: 0.0,
+            duplicate_fraction: 0.0,
+            gateway: None,
+            token: None,
+            http_batch: 500,
+            connections: 1,
+        }
+    }
+}
+
 /// Produces the fleet's records until `--count` is reached or `stop` is set: to Kafka, or
 /// through the gateway with `--gateway`.
 pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenReport> {

@@ -32,10 +32,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<String> {
         let count = crate::kafka::admin::partition_count(&kafka).ok();
         let mut partitions: BTreeSet<i32> = known.into_iter().collect();
         partitions.extend(0..count.unwrap_or(0));
-        let marks: BTreeMap<i32, Option<(i64, i64)>> = partitions
-            .into_iter()
-            .map(|p| (p, crate::kafka::admin::watermarks(&kafka, &[p]).ok().map(|m| (m[0].1, m[0].2))))
-            .collect();
+        let partitions: Vec<i32> = partitions.into_iter().collect();
+        // One client for all partitions; a partition that does not answer shows "?".
+        let marks: BTreeMap<i32, Option<(i64, i64)>> = match crate::kafka::admin::watermarks_each(&kafka, &partitions) {
+            Ok(each) => each.into_iter().map(|(p, marks)| (p, marks.ok())).collect(),
+            Err(_) => partitions.iter().map(|p| (*p, None)).collect(),
+        };
         (count, marks)
     })
     .await?;

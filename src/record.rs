@@ -228,54 +228,6 @@ pub fn body_server_id(value: &[u8]) -> Option<Cow<'_, str>> {
 /// A JSON object seen only for its `serverId` (other values are skipped, not built).
 struct ServerIdOnly<'a>(Option<Cow<'a, str>>);
 
-/// A string (borrowed from the input when it has no escapes), or `None` for any other value.
-struct MaybeStr<'a>(Option<Cow<'a, str>>);
-
-impl<'de> Deserialize<'de> for MaybeStr<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = MaybeStr<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(MaybeStr(Some(Cow::Borrowed(v))))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(MaybeStr(Some(Cow::Owned(v.to_owned()))))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(MaybeStr(Some(Cow::Owned(v))))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                while a.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(MaybeStr(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(MaybeStr(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 impl<'de> Deserialize<'de> for ServerIdOnly<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -286,9 +238,13 @@ impl<'de> Deserialize<'de> for ServerIdOnly<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut id = None;
-                while let Some(MaybeStr(key)) = map.next_key::<MaybeStr<'de>>()? {
-                    if key.as_deref() == Some("serverId") {
-                        id = map.next_value::<MaybeStr<'de>>()?.0;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "serverId" {
+                        // The same visitor as decode's, so both see the same serverId.
+                        id = match map.next_value::<FieldValue>()? {
+                            FieldValue::Text(s) => Some(Cow::Owned(s)),
+                            _ => None,
+                        };
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }

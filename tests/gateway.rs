@@ -160,7 +160,6 @@ fn what_the_gateway_acknowledged_lands_exactly_once_in_timescale() {
     let args = fleetflow::cli::LoadgenArgs {
         bad_fraction: 0.02,
         gateway: Some(gw.url.clone()),
-        token: None,
         http_batch: 250,
         connections: 4,
         ..stack.loadgen_args(20_000, 500, 4)

@@ -23,21 +23,7 @@ fn a_partition_that_cannot_be_read_is_reported_then_stops_the_job_with_its_cause
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic("metrics", 2, 1).unwrap();
     let kafka = KafkaArgs { brokers: mock.bootstrap_servers(), topic: "metrics".into(), kafka_options: vec![] };
-    let args = LoadgenArgs {
-        kafka: kafka.clone(),
-        servers: 50,
-        interval: Duration::from_secs(10),
-        count: Some(RECORDS),
-        rate: None,
-        seed: 1,
-        start_time: None,
-        bad_fraction: 0.0,
-        duplicate_fraction: 0.0,
-        gateway: None,
-        token: None,
-        http_batch: 500,
-        connections: 1,
-    };
+    let args = LoadgenArgs::straight_to_kafka(kafka.clone(), 50, RECORDS, 1);
     let report = fleetflow::loadgen::produce(&args, &AtomicBool::new(false)).unwrap();
     assert_eq!(report.delivered, RECORDS);
     // From now on every fetch fails (each error answers one request; this lasts minutes).

@@ -56,8 +56,7 @@ pub async fn create_topic(kafka: &KafkaArgs, partitions: i32, replication: i32) 
 
 /// The high watermark of one partition: the offset the next produced message will get.
 pub fn end_offset(kafka: &KafkaArgs, partition: i32) -> Result<i64, KafkaError> {
-    let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
-    let (_, high) = consumer.fetch_watermarks(&kafka.topic, partition, METADATA_TIMEOUT).map_err(unreachable(kafka))?;
+    let (_, _, high) = watermarks(kafka, &[partition])?[0];
     Ok(high)
 }
 

@@ -250,21 +250,7 @@ impl Stack {
 
     /// Loadgen settings for this stack: straight to Kafka, as fast as possible, 10 s interval.
     pub fn loadgen_args(&self, count: u64, servers: u32, seed: u64) -> LoadgenArgs {
-        LoadgenArgs {
-            kafka: self.broker.kafka(&self.topic),
-            servers,
-            interval: Duration::from_secs(10),
-            count: Some(count),
-            rate: None,
-            seed,
-            start_time: None,
-            bad_fraction: 0.0,
-            duplicate_fraction: 0.0,
-            gateway: None,
-            token: None,
-            http_batch: 500,
-            connections: 1,
-        }
+        LoadgenArgs::straight_to_kafka(self.broker.kafka(&self.topic), servers, count, seed)
     }
 
     /// Produces `count` records from `servers` simulated servers, all acknowledged.
