@@ -12,4 +12,4 @@ cargo fmt --check
 python3 -c 'import yaml' 2>/dev/null || pip install --quiet pyyaml
 python3 docker/check.py
 # The integration tests each start a broker and a multi-process job: two at a time fit 2 cores.
-cargo test -- --test-threads=2
+cargo test --workspace -- --test-threads=2

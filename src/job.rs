@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::cli::RunArgs;
-use crate::dataflows::ingest::{run_worker, IngestContext};
 use crate::exit::{exit_with, Exit};
+use crate::ingest::{run_worker, IngestContext};
 use crate::stats::Stats;
 
 /// Runs `fleetflow run` to completion (shutdown signal or `--exit-when-idle`).
@@ -79,7 +79,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let guards = timely::execute(timely_config, move |worker| {
         if let Err(e) = run_worker(worker, &ctx) {
             // The other workers cannot finish without this one: stop the process.
-            let exit = if e.is::<crate::dataflows::ingest::TopicHeld>() { Exit::Fenced } else { Exit::Error };
+            let exit = if e.is::<crate::ingest::TopicHeld>() { Exit::Fenced } else { Exit::Error };
             exit_with(exit, &format!("worker {}: {}", worker.index(), crate::one_line(&e)));
         }
     })

@@ -9,6 +9,7 @@ pub mod config;
 pub mod envelope;
 pub mod exit;
 pub mod gateway;
+pub mod ingest;
 pub mod job;
 pub mod kafka;
 pub mod loadgen;
@@ -19,9 +20,6 @@ pub mod query;
 pub mod record;
 pub mod sink;
 pub mod stats;
-
-#[path = "../dataflows/mod.rs"]
-pub mod dataflows;
 
 /// An error and its causes as one line for the user, leaving out a cause whose text the line
 /// already holds (our messages and the client libraries' often quote their cause).

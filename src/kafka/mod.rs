@@ -1,9 +1,12 @@
-//! Kafka: client settings, the partition reader of the job, the producer of the loadgen,
-//! topic administration.
+//! Kafka: client settings, the consumer of the job and the source it feeds the dataflow
+//! (`source`, watched by `topic_watch` over the pure bookkeeping of `watch`), the producer
+//! of the loadgen and the gateway, topic administration.
 
 pub mod admin;
 pub mod consumer;
 pub mod producer;
+pub mod source;
+pub mod topic_watch;
 pub mod watch;
 
 use rdkafka::ClientConfig;

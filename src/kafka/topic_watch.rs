@@ -16,7 +16,7 @@
 //! ```
 //!
 //! The bookkeeping itself is pure and lives in `kafka::watch`; this module feeds it from the
-//! reader, and reports what it finds in the log, the metrics, `/healthz` and the partition
+//! reader (through `kafka::source`), and reports what it finds in the log, the metrics, `/healthz` and the partition
 //! events `fleetflow status` shows. Offsets alone cannot tell a recreated topic that has
 //! already grown past the old offsets; a reset found while running is therefore recorded,
 //! and a restart refuses until the operator starts the topic over.
@@ -24,13 +24,14 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use dataflows::from_first_worker::from_first_worker;
+use dataflows::routing::owned_partitions;
 use timely::worker::Worker;
 
-use super::ingest::IngestContext;
 use crate::cli::{OnTopicReset, StartFrom};
+use crate::ingest::IngestContext;
 use crate::kafka::consumer::{PartitionReader, StartOffset};
 use crate::kafka::watch::{check_start, Backlog, Gap, OffsetWatch, StallChange, StallDetector, StartCheck, TopicReset};
-use crate::partitioning::owned_partitions;
 use crate::sink::events::{self, Event, EventKind, EventLog};
 use crate::stats::PartitionLabels;
 
@@ -71,7 +72,7 @@ pub fn check_topic(worker: &mut Worker, ctx: &IngestContext, generation: i64) ->
         Ok(c) => (String::new(), c.first_run, c.gaps.iter().map(|g| (g.partition, g.from, g.to)).collect()),
         Err(e) => (crate::one_line(&e), false, Vec::new()),
     });
-    match super::operators::from_first_worker::from_first_worker(worker, outcome) {
+    match from_first_worker(worker, outcome) {
         Some((line, _, _)) if !line.is_empty() => Err(anyhow::anyhow!(line)),
         Some((_, first_run, gaps)) => Ok(TopicCheck {
             first_run,

@@ -1,5 +1,0 @@
-//! Operators shared by the dataflows.
-
-pub mod batch;
-pub mod durable_sink;
-pub mod from_first_worker;
