@@ -1,10 +1,226 @@
-//! Typed, validated job configuration built from the command line: the cluster shape (who
-//! the processes are) and the record limits. Every error names the flag to fix.
+//! The typed configuration, built once from flags, environment and the `--config` file
+//! (precedence in that order) and validated here: [`JobConfig`] for `fleetflow run` (and
+//! `check`), [`KafkaConfig`] and [`DatabaseConfig`] for every command that talks to Kafka
+//! or the database. The library takes these, never the clap structs of `cli`. Every error
+//! names the flag to fix.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::cli::RunArgs;
+use crate::cli::{DatabaseArgs, KafkaArgs, RunArgs};
 use crate::record::Limits;
+
+pub use crate::cli::{Dedup, OnTopicReset, StartFrom};
+
+/// Where Kafka is and how to talk to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, host:port, comma separated.
+    pub brokers: String,
+    pub topic: String,
+    /// librdkafka settings passed through: the config file's `[kafka]` table, then `-X`.
+    pub options: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    /// Brokers and topic with librdkafka's defaults.
+    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
+        KafkaConfig { brokers: brokers.into(), topic: topic.into(), options: Vec::new() }
+    }
+}
+
+impl From<KafkaArgs> for KafkaConfig {
+    fn from(args: KafkaArgs) -> Self {
+        KafkaConfig { brokers: args.brokers, topic: args.topic, options: args.kafka_options }
+    }
+}
+
+/// The database: a PostgreSQL connection string (TLS options in it) of a database with the
+/// timescaledb extension available.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    pub url: String,
+}
+
+impl From<DatabaseArgs> for DatabaseConfig {
+    fn from(args: DatabaseArgs) -> Self {
+        DatabaseConfig { url: args.database_url }
+    }
+}
+
+/// Who the processes of the job are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Worker threads per process.
+    pub workers: usize,
+    pub processes: usize,
+    pub process_id: usize,
+    /// host:port of every process, in process-id order (empty for a single process).
+    pub addresses: Vec<String>,
+    /// How long to wait at start for the other processes (zero: for ever).
+    pub connect_timeout: Duration,
+}
+
+impl Cluster {
+    /// timely's configuration for this process.
+    pub fn timely(&self) -> timely::Config {
+        let communication = if self.processes == 1 {
+            timely::CommunicationConfig::Process(self.workers)
+        } else {
+            timely::CommunicationConfig::Cluster {
+                threads: self.workers,
+                process: self.process_id,
+                addresses: self.addresses.clone(),
+                report: false,
+                zerocopy: false,
+            }
+        };
+        timely::Config { communication, worker: timely::WorkerConfig::default() }
+    }
+}
+
+/// How sources cut epochs and how far they may run ahead of what is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Epochs {
+    pub records: usize,
+    pub bytes: usize,
+    pub interval: Duration,
+    pub max_in_flight: u64,
+    /// Per process, split between its workers.
+    pub max_bytes_in_flight: usize,
+}
+
+/// How rows are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkConfig {
+    pub batch_size: usize,
+    /// Database connections per sink worker (`None`: 2 for a job of one worker, else 1).
+    pub connections: Option<usize>,
+    pub dedup: Dedup,
+    pub rollups: bool,
+    /// Record which worker wrote which serverIds (`fleetflow_audit`).
+    pub audit: bool,
+    /// A database call that takes longer means the database or the session hung.
+    pub timeout: Duration,
+    /// A server quiet for this long is listed in `silent_servers`.
+    pub silent_after: Duration,
+    /// Drop raw chunks older than this (process 0, hourly).
+    pub retain: Option<Duration>,
+}
+
+/// The topic under the job: where to start, what to do when it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicConfig {
+    /// Where a partition with no committed offset starts, on the first run.
+    pub start: StartFrom,
+    pub on_reset: OnTopicReset,
+    /// Take the topic from another job that still holds it.
+    pub take_over: bool,
+    /// A partition with messages that delivers none for this long stops the job (zero: never).
+    pub stall_timeout: Duration,
+    /// How often the partition count is checked.
+    pub metadata_interval: Duration,
+}
+
+/// `fleetflow run`, checked: everything a process of the job needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobConfig {
+    pub kafka: KafkaConfig,
+    pub database: DatabaseConfig,
+    /// Consumer group the committed offsets are mirrored to (for lag tools).
+    pub group: String,
+    pub cluster: Cluster,
+    pub topic: TopicConfig,
+    pub epochs: Epochs,
+    pub sink: SinkConfig,
+    /// What a record must satisfy.
+    pub limits: Limits,
+    /// At most one offset commit per interval.
+    pub commit_interval: Duration,
+    /// Exit once everything is read, durable and committed and has stayed so this long.
+    pub exit_when_idle: Option<Duration>,
+    /// How often the progress line (and the running summary) is written.
+    pub report_interval: Duration,
+    /// After a shutdown signal, how long open epochs may take to become durable.
+    pub shutdown_timeout: Duration,
+    /// Serve Prometheus `/metrics` and `/healthz` here.
+    pub metrics_listen: Option<String>,
+}
+
+impl JobConfig {
+    /// Checks the flags of `fleetflow run` and builds the configuration from them.
+    pub fn from_args(args: RunArgs) -> Result<JobConfig, ConfigError> {
+        if args.workers == 0 {
+            return Err(ConfigError::NoWorkers);
+        }
+        if args.processes == 0 {
+            return Err(ConfigError::NoProcesses);
+        }
+        if args.process_id >= args.processes {
+            return Err(ConfigError::ProcessIdOutOfRange { id: args.process_id, processes: args.processes });
+        }
+        for (value, flag) in [
+            (args.epoch_records, "--epoch-records"),
+            (args.epoch_bytes, "--epoch-bytes"),
+            (args.max_bytes_in_flight, "--max-bytes-in-flight"),
+            (args.batch_size, "--batch-size"),
+            (args.sink_connections.unwrap_or(1), "--sink-connections"),
+            (args.max_epochs_in_flight as usize, "--max-epochs-in-flight"),
+            (args.database_timeout.as_millis().min(1) as usize, "--database-timeout (in milliseconds)"),
+            (args.metadata_interval.as_millis().min(1) as usize, "--metadata-interval (in milliseconds)"),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(flag));
+            }
+        }
+        if args.max_message_bytes > crate::record::MAX_MESSAGE_BYTES {
+            return Err(ConfigError::MessageBytesAboveCeiling(args.max_message_bytes));
+        }
+        let addresses = cluster_addresses(&args)?;
+        Ok(JobConfig {
+            cluster: Cluster {
+                workers: args.workers,
+                processes: args.processes,
+                process_id: args.process_id,
+                addresses,
+                connect_timeout: args.connect_timeout,
+            },
+            topic: TopicConfig {
+                start: args.start,
+                on_reset: args.on_topic_reset,
+                take_over: args.take_over,
+                stall_timeout: args.stall_timeout,
+                metadata_interval: args.metadata_interval,
+            },
+            epochs: Epochs {
+                records: args.epoch_records,
+                bytes: args.epoch_bytes,
+                interval: args.epoch_interval,
+                max_in_flight: args.max_epochs_in_flight,
+                max_bytes_in_flight: args.max_bytes_in_flight,
+            },
+            sink: SinkConfig {
+                batch_size: args.batch_size,
+                connections: args.sink_connections,
+                dedup: args.dedup,
+                rollups: args.rollups,
+                audit: args.audit,
+                timeout: args.database_timeout,
+                silent_after: args.silent_after,
+                retain: args.retain,
+            },
+            limits: Limits { max_bytes: args.max_message_bytes, max_age: args.max_age, max_future: args.max_future },
+            commit_interval: args.commit_interval,
+            exit_when_idle: args.exit_when_idle,
+            report_interval: args.report_interval,
+            shutdown_timeout: args.shutdown_timeout,
+            metrics_listen: args.metrics_listen,
+            group: args.group,
+            kafka: args.kafka.into(),
+            database: args.database.into(),
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -140,7 +140,7 @@ impl DecodeError {
 /// Bounds a record must respect. The defaults accept a year of back-fill and ten minutes
 /// of clock skew into the future. `max_bytes` above [`MAX_MESSAGE_BYTES`] counts as
 /// [`MAX_MESSAGE_BYTES`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub max_bytes: usize,
     pub max_age: Duration,

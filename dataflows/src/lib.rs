@@ -38,8 +38,8 @@
 //!   slow, stuck, retrying, or that reports epochs out of order never lets an offset through
 //!   early. After a crash the job resumes from the committed offsets, so nothing committed
 //!   is lost; what was durable but not committed is read again and the writers' watermarks
-//!   drop it. (`ingest::tests`, including a property test over random schedules of reads,
-//!   completions and crashes.)
+//!   drop it. (The crate's `promises` tests, one per promise, with a property test over random
+//!   schedules of reads, completions and crashes; `cargo test -p fleetflow-dataflows`.)
 //! - **An idle partition never holds the frontier back**: a source with nothing to read
 //!   moves its epoch up to the in-flight bound.
 //! - **Bounded memory**: a source runs at most `max_epochs_in_flight` epochs and

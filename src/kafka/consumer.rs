@@ -21,14 +21,20 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{client_config, KafkaError};
 use crate::cli::KafkaArgs;
 
-/// Throughput settings of the job's consumers (the user's `-X` options still win):
-/// librdkafka's defaults leave throughput on the table (infrastructure.md). The prefetch
-/// queue is bounded in bytes too (librdkafka's default is 64 MiB per consumer), so large
-/// messages cannot fill memory before the job's own in-flight bound applies.
+/// Throughput and memory settings of the job's consumers (the user's `-X` options still
+/// win), each with its reason.
 pub const CONSUMER_TUNING: &[(&str, &str)] = &[
+    // A deeper prefetch queue than librdkafka's default (100k messages) keeps a worker fed
+    // between polls while it decodes; the byte bound below is what limits memory.
     ("queued.min.messages", "200000"),
+    // ... but bounded in bytes (librdkafka's default is 64 MiB per consumer), so large
+    // messages cannot fill memory before the job's own in-flight bound applies.
     ("queued.max.messages.kbytes", "32768"),
+    // One fetch response may carry up to 16 MiB (default 50 MiB): the prefetch bound above
+    // holds per fetch, too.
     ("fetch.max.bytes", "16777216"),
+    // Per partition and fetch (default 1 MiB): fewer round trips while a partition has a
+    // backlog, still below the fetch bound.
     ("max.partition.fetch.bytes", "8388608"),
 ];
 
@@ -227,9 +233,15 @@ impl PartitionReader {
 /// The settings of the job's consumers (the user's `-X` options still win).
 fn reader_settings(group: &str) -> Vec<(&str, &str)> {
     let mut settings: Vec<(&str, &str)> = vec![
+        // Only where committed offsets are mirrored (for lag tools); partitions are assigned
+        // explicitly, so the group never rebalances the job.
         ("group.id", group),
+        // Offsets are committed by the job behind the durable frontier, never by librdkafka:
+        // its auto-commit and auto-store would commit what was fetched, not what is durable.
         ("enable.auto.commit", "false"),
         ("enable.auto.offset.store", "false"),
+        // End-of-partition events tell the worker a partition is drained (--exit-when-idle,
+        // idle epochs).
         ("enable.partition.eof", "true"),
         // A committed offset that retention deleted: start at what is left (the job counts
         // the gap, kafka::watch). An offset beyond the end (a recreated topic) also lands at
