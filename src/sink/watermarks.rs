@@ -92,7 +92,9 @@ pub(super) async fn raise_watermarks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::DeadLetter;
     use crate::record::Metric;
+    use proptest::prelude::*;
 
     fn env(key_group: u16, partition: i32, offset: i64) -> Envelope {
         let metric = Metric { server_id: "s1".into(), time_us: 0, cpu: Some(1.0), ram: None, extra: vec![] };
@@ -121,5 +123,199 @@ mod tests {
         let plan = plan(&group, &FastMap::default());
         assert_eq!(plan.rows, 2);
         assert_eq!(plan.skipped, 1);
+    }
+
+    // The properties below give every record its input position as an id (a metric's
+    // serverId or a dead letter's reason), so the tests can tell which records passed.
+
+    /// (key group, partition, offset, whether it is a dead letter) of each record, in order.
+    type Spec = Vec<(u16, i32, i64, bool)>;
+
+    fn records(spec: &[(u16, i32, i64, bool)]) -> Vec<Envelope> {
+        spec.iter()
+            .enumerate()
+            .map(|(i, &(key_group, partition, offset, dead))| {
+                let item = if dead {
+                    Item::DeadLetter(DeadLetter::new(None, b"{", "invalid_json", format!("r{i}"), None))
+                } else {
+                    let id = format!("r{i}");
+                    Item::Metric(Metric { server_id: id, time_us: 0, cpu: Some(1.0), ram: None, extra: vec![] })
+                };
+                Envelope { key_group, partition, offset, item }
+            })
+            .collect()
+    }
+
+    fn id(env: &Envelope) -> usize {
+        let tag = match &env.item {
+            Item::Metric(m) => &m.server_id,
+            Item::DeadLetter(d) => &d.reason,
+        };
+        tag[1..].parse().unwrap()
+    }
+
+    /// The records cut into batches of `batch_len`, `per_epoch` batches to an epoch.
+    fn epochs(records: &[Envelope], batch_len: usize, per_epoch: usize) -> Vec<EpochWrite> {
+        let batches: Vec<Vec<Envelope>> = records.chunks(batch_len).map(<[Envelope]>::to_vec).collect();
+        batches
+            .chunks(per_epoch)
+            .enumerate()
+            .map(|(epoch, batches)| EpochWrite { epoch: epoch as u64, batches: batches.to_vec() })
+            .collect()
+    }
+
+    /// Ids of the rows and of the dead letters a plan writes, in the order it writes them.
+    fn passed(plan: &Plan) -> (Vec<usize>, Vec<usize>) {
+        (plan.batches.iter().flatten().map(|e| id(e)).collect(), plan.dead_letters.iter().map(|e| id(e)).collect())
+    }
+
+    /// Records of a few (key group, partition)s, offsets colliding often, in any order.
+    fn any_spec() -> impl Strategy<Value = Spec> {
+        proptest::collection::vec((0u16..3, 0i32..2, 0i64..30, proptest::bool::weighted(0.2)), 0..60)
+    }
+
+    fn any_watermarks() -> impl Strategy<Value = FastMap<(u16, i32), i64>> {
+        proptest::collection::btree_map((0u16..3, 0i32..2), 0i64..30, 0..6).prop_map(|m| m.into_iter().collect())
+    }
+
+    proptest! {
+        /// Replaying what is already written (a restart from older source offsets) writes
+        /// nothing, however the replay is cut into epochs and batches. Catches a filter that
+        /// compares with `<` instead of `<=`, or forgets a key's watermark.
+        #[test]
+        fn replaying_any_prefix_of_written_records_yields_nothing_new(
+            spec in any_spec(),
+            stored in any_watermarks(),
+            prefix in 0usize..=60,
+            (batch_len, per_epoch) in (1usize..8, 1usize..4),
+            (replay_batch_len, replay_per_epoch) in (1usize..8, 1usize..4),
+        ) {
+            let records = records(&spec);
+            let first = epochs(&records, batch_len, per_epoch);
+            let written = plan(&first, &stored);
+            let mut after = stored.clone();
+            after.extend(written.watermarks.iter().map(|(k, v)| (*k, *v)));
+
+            let replay = epochs(&records[..prefix.min(records.len())], replay_batch_len, replay_per_epoch);
+            let again = plan(&replay, &after);
+            prop_assert!(again.batches.is_empty());
+            prop_assert!(again.dead_letters.is_empty());
+            prop_assert!(again.watermarks.is_empty());
+            prop_assert_eq!(again.rows, 0);
+            prop_assert_eq!(again.skipped as usize, prefix.min(records.len()));
+        }
+
+        /// Records above their watermark, offsets rising per (key group, partition), all
+        /// pass: rows in their batches and in order, dead letters in order, and the new
+        /// watermark of each key is its last offset. Catches a filter that drops new
+        /// records (an off-by-one at watermark + 1, a key mixed up with another) or
+        /// reorders them.
+        #[test]
+        fn records_above_their_watermark_all_pass_in_order(
+            steps in proptest::collection::vec((0u16..3, 0i32..2, 1i64..4, proptest::bool::weighted(0.2)), 0..60),
+            stored in any_watermarks(),
+            (batch_len, per_epoch) in (1usize..8, 1usize..4),
+        ) {
+            // Each key's offsets start just above its watermark (-1: none) and rise by 1 to 3.
+            let mut last = stored.clone();
+            let spec: Spec = steps
+                .iter()
+                .map(|&(g, p, step, dead)| {
+                    let offset = last.get(&(g, p)).copied().unwrap_or(-1) + step;
+                    last.insert((g, p), offset);
+                    (g, p, offset, dead)
+                })
+                .collect();
+            let records = records(&spec);
+            let group = epochs(&records, batch_len, per_epoch);
+            let plan = plan(&group, &stored);
+
+            let expected_batches: Vec<Vec<usize>> = group
+                .iter()
+                .flat_map(|w| &w.batches)
+                .map(|b| b.iter().filter(|e| matches!(e.item, Item::Metric(_))).map(id).collect::<Vec<_>>())
+                .filter(|b| !b.is_empty())
+                .collect();
+            let batches: Vec<Vec<usize>> = plan.batches.iter().map(|b| b.iter().map(|e| id(e)).collect()).collect();
+            prop_assert_eq!(batches, expected_batches);
+            let letters: Vec<usize> = spec.iter().enumerate().filter(|(_, s)| s.3).map(|(i, _)| i).collect();
+            prop_assert_eq!(passed(&plan).1, letters);
+            prop_assert_eq!(plan.skipped, 0);
+            prop_assert_eq!(plan.rows as usize, spec.iter().filter(|s| !s.3).count());
+            let raised: FastMap<(u16, i32), i64> = spec.iter().map(|s| ((s.0, s.1), s.2)).collect();
+            prop_assert_eq!(plan.watermarks, raised);
+        }
+
+        /// Whatever the records and watermarks, a record passes exactly when its offset is
+        /// above its stored watermark and above every offset of its key that passed before
+        /// it in the same plan; the new watermarks are the highest offsets that passed.
+        /// Catches a record at or below its watermark being written (a duplicate row), a
+        /// new record being dropped (a lost row), and a message sent twice in one
+        /// transaction being written twice.
+        #[test]
+        fn a_record_at_or_below_its_watermark_never_passes(
+            spec in any_spec(),
+            stored in any_watermarks(),
+            (batch_len, per_epoch) in (1usize..8, 1usize..4),
+        ) {
+            let records = records(&spec);
+            let group = epochs(&records, batch_len, per_epoch);
+            let plan = plan(&group, &stored);
+            let (rows, letters) = passed(&plan);
+            prop_assert!(rows.windows(2).all(|w| w[0] < w[1]), "rows out of order: {:?}", rows);
+            prop_assert!(letters.windows(2).all(|w| w[0] < w[1]), "dead letters out of order: {:?}", letters);
+            prop_assert!(plan.batches.iter().all(|b| !b.is_empty()));
+            let passed: std::collections::HashSet<usize> = rows.iter().chain(&letters).copied().collect();
+
+            let mut high = stored.clone();
+            let mut raised = FastMap::default();
+            for (i, &(g, p, offset, _)) in spec.iter().enumerate() {
+                let bar = high.get(&(g, p)).copied().unwrap_or(-1);
+                if passed.contains(&i) {
+                    prop_assert!(offset > bar, "record {} (offset {}) passed at or below {}", i, offset, bar);
+                    high.insert((g, p), offset);
+                    raised.insert((g, p), offset);
+                } else {
+                    prop_assert!(offset <= bar, "record {} (offset {}) above {} was dropped", i, offset, bar);
+                }
+            }
+            prop_assert_eq!(plan.skipped as usize, spec.len() - passed.len());
+            prop_assert_eq!(plan.rows as usize, rows.len());
+            prop_assert_eq!(plan.watermarks, raised);
+        }
+
+        /// Planning epochs in one transaction, or in two with the first one's watermarks
+        /// carried over (what the writer does between transactions), passes the same
+        /// records and ends at the same watermarks: merging queued epochs into one
+        /// transaction cannot change what is written.
+        #[test]
+        fn one_transaction_or_two_pass_the_same_records(
+            spec in any_spec(),
+            stored in any_watermarks(),
+            (batch_len, per_epoch) in (1usize..8, 1usize..4),
+            cut in 0usize..=20,
+        ) {
+            let records = records(&spec);
+            let group = epochs(&records, batch_len, per_epoch);
+            let cut = cut.min(group.len());
+            let whole = plan(&group, &stored);
+
+            let first = plan(&group[..cut], &stored);
+            let mut between = stored.clone();
+            between.extend(first.watermarks.iter().map(|(k, v)| (*k, *v)));
+            let second = plan(&group[cut..], &between);
+            let (mut rows, mut letters) = passed(&first);
+            let (rows2, letters2) = passed(&second);
+            rows.extend(rows2);
+            letters.extend(letters2);
+            prop_assert_eq!((rows, letters), passed(&whole));
+            prop_assert_eq!(first.skipped + second.skipped, whole.skipped);
+
+            let mut split_end = between;
+            split_end.extend(second.watermarks.iter().map(|(k, v)| (*k, *v)));
+            let mut whole_end = stored.clone();
+            whole_end.extend(whole.watermarks.iter().map(|(k, v)| (*k, *v)));
+            prop_assert_eq!(split_end, whole_end);
+        }
     }
 }
