@@ -364,7 +364,7 @@ async fn database_ceiling(url: &str, rows: Vec<Envelope>, connections: usize) ->
         clients.push(crate::sink::connect(url).await?);
     }
     let started = Instant::now();
-    let writes = clients.iter_mut().zip(&parts).map(|(client, part)| crate::sink::writer::copy_rows(client, part));
+    let writes = clients.iter_mut().zip(&parts).map(|(client, part)| crate::sink::copy::copy_rows(client, part));
     for result in futures_util::future::join_all(writes).await {
         result?;
     }

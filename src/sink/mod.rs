@@ -1,12 +1,30 @@
-//! TimescaleDB: the schema, the epoch writer (binary COPY plus exactly-once watermarks in
-//! one transaction), and the committed source offsets.
+//! TimescaleDB: everything the job keeps in the database, one module per concern.
+//!
+//! - `schema`: the tables, as versioned migrations.
+//! - `writer`: the epoch writer task; one transaction per group of epochs, retries,
+//!   timeouts, finding the rows the database refuses.
+//! - `copy`: binary COPY of metric rows (the hot path) and the benchmark's ceiling.
+//! - `watermarks`: the exactly-once filter; which records are new, and raising the marks
+//!   in the rows' transaction.
+//! - `rollups`: per-minute aggregates, in the rows' transaction.
+//! - `dead_letters`: messages that did not become rows, in the rows' transaction.
+//! - `audit`: the `--audit` table (which worker wrote which serverIds).
+//! - `offsets`: the committed source offsets, where a restart resumes.
+//! - `fence`: at most one copy of the job writes a topic.
+//! - `events`: what an operator must hear of about the topic's partitions (`fleetflow status`).
+//!
+//! Here: connecting, and what database errors mean. See docs/architecture.md for how the
+//! pieces keep the exactly-once promise.
 
+pub mod audit;
+pub mod copy;
 pub mod dead_letters;
 pub mod events;
 pub mod fence;
 pub mod offsets;
 pub mod rollups;
 pub mod schema;
+pub mod watermarks;
 pub mod writer;
 
 use std::time::Duration;

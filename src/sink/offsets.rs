@@ -1,5 +1,6 @@
-//! Progress bookkeeping in the database: the committed source offsets (where a restarted job
-//! resumes) and the per-(key group, partition) watermarks (what was already written).
+//! The committed source offsets (`fleetflow_offsets`): where a restarted job resumes reading,
+//! per partition. This is the commit stage's database side; what was already written is the
+//! watermarks' business (`sink::watermarks`), so offsets may lag the rows without harm.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,23 +64,6 @@ async fn insert_offsets(
     );
     client.execute(&sql, &[&topic, &partitions, &nexts]).await?;
     Ok(())
-}
-
-/// Watermarks of the given key groups: (key group, partition) -> highest offset written.
-pub async fn load_watermarks(
-    client: &Client,
-    topic: &str,
-    key_groups: &[u16],
-) -> Result<super::FastMap<(u16, i32), i64>, SinkError> {
-    let groups: Vec<i32> = key_groups.iter().map(|g| *g as i32).collect();
-    let rows = client
-        .query(
-            "SELECT key_group, partition, last_offset FROM fleetflow_watermarks
-             WHERE topic = $1 AND key_group = ANY($2)",
-            &[&topic, &groups],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| ((r.get::<_, i32>(0) as u16, r.get(1)), r.get(2))).collect())
 }
 
 /// Where and as whom the committer writes.

@@ -1,8 +1,11 @@
-//! The epoch writer: one async task per sink worker connection.
+//! The epoch writer: one async task per sink worker connection. Each piece of a write has a
+//! module of its own; this one puts them in one transaction and decides what a failure means.
 //!
 //! For each group of epochs it receives it opens one transaction, checks that this job still
-//! holds the topic (see `sink::fence`), writes every batch with binary COPY, writes the dead
-//! letters, raises the (key group, partition) watermarks, and commits. Because the
+//! holds the topic (see `sink::fence`), drops replayed messages (see `sink::watermarks`),
+//! writes every batch with binary COPY (`sink::copy`), folds the rollups (`sink::rollups`),
+//! writes the dead letters (`sink::dead_letters`), raises the (key group, partition)
+//! watermarks, records the `--audit` rows (`sink::audit`), and commits. Because the
 //! watermarks move in the same transaction as the rows, a message replayed after a crash is
 //! recognised (offset at or below its watermark) and dropped, whatever the worker count of
 //! the run that wrote it.
@@ -23,36 +26,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::pin_mut;
-use serde::ser::{Serialize, SerializeMap, Serializer};
 use tokio::sync::mpsc;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
+use super::audit::audit;
+use super::copy::{copy_batch, COPY_METRICS, COPY_STAGING};
 use super::dead_letters::{copy_dead_letters, rejected_row, DeadLetterRow};
-use super::offsets::load_watermarks;
 use super::rollups::RollupDelta;
+use super::watermarks::{load_watermarks, plan, raise_watermarks};
 use super::{backoff, connect_as, is_data_error, FastMap, SinkError};
 use crate::envelope::{DeadLetter, Envelope, Item};
 use crate::record::Metric;
 use crate::stats::Stats;
 
 /// Rows merged into one transaction at most, when several epochs are ready at once.
-const MAX_ROWS_PER_TRANSACTION: usize = 50_000;
+pub(super) const MAX_ROWS_PER_TRANSACTION: usize = 50_000;
 
-const COPY_METRICS: &str =
-    "COPY metrics (time, server_id, cpu, ram, extra, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";
-const COPY_STAGING: &str =
-    "COPY fleetflow_staging (time, server_id, cpu, ram, extra, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";
 /// Per connection, for `--dedup natural-key`: rows go here first, then into metrics
 /// unless their (server_id, time) is already there.
 const CREATE_STAGING: &str = "CREATE TEMP TABLE fleetflow_staging (LIKE metrics) ON COMMIT DELETE ROWS";
 const INSERT_FROM_STAGING: &str =
     "INSERT INTO metrics SELECT * FROM fleetflow_staging ON CONFLICT (server_id, time) DO NOTHING \
      RETURNING server_id, time, cpu, ram";
-const COPY_TYPES: [Type; 7] =
-    [Type::TIMESTAMPTZ, Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::JSONB, Type::INT4, Type::INT8];
 
 /// What a writer needs to know.
 #[derive(Clone, Debug)]
@@ -157,16 +152,6 @@ struct Writer {
     waiting: bool,
     /// Whether the database stopped answering this writer (see `Stats::database_not_answering`).
     not_answering: bool,
-}
-
-/// What a transaction will write once replayed messages are removed.
-#[derive(Default)]
-struct Plan<'a> {
-    batches: Vec<Vec<&'a Envelope>>,
-    dead_letters: Vec<&'a Envelope>,
-    watermarks: FastMap<(u16, i32), i64>,
-    skipped: u64,
-    rows: u64,
 }
 
 impl Writer {
@@ -441,150 +426,5 @@ fn inserted_metric(row: &tokio_postgres::Row) -> Metric {
         cpu: row.get(2),
         ram: row.get(3),
         extra: Vec::new(),
-    }
-}
-
-/// Drops every message at or below its (key group, partition) watermark and computes the
-/// new watermarks.
-fn plan<'a>(group: &'a [EpochWrite], watermarks: &FastMap<(u16, i32), i64>) -> Plan<'a> {
-    let mut plan = Plan::default();
-    for batch in group.iter().flat_map(|w| &w.batches) {
-        let mut rows = Vec::with_capacity(batch.len());
-        for env in batch {
-            let key = (env.key_group, env.partition);
-            let written = plan.watermarks.get(&key).or_else(|| watermarks.get(&key)).copied().unwrap_or(-1);
-            if env.offset <= written {
-                plan.skipped += 1;
-                continue;
-            }
-            plan.watermarks.insert(key, env.offset);
-            match env.item {
-                Item::Metric(_) => rows.push(env),
-                Item::DeadLetter(_) => plan.dead_letters.push(env),
-            }
-        }
-        plan.rows += rows.len() as u64;
-        if !rows.is_empty() {
-            plan.batches.push(rows);
-        }
-    }
-    plan
-}
-
-/// Writes metric rows with binary COPY, in batches of 1,000 and transactions of
-/// [`MAX_ROWS_PER_TRANSACTION`], with no bookkeeping: the database ceiling of `bench`.
-pub async fn copy_rows(client: &mut Client, rows: &[Envelope]) -> Result<(), SinkError> {
-    for transaction in rows.chunks(MAX_ROWS_PER_TRANSACTION) {
-        let tx = client.transaction().await?;
-        for batch in transaction.chunks(1000) {
-            let refs: Vec<&Envelope> = batch.iter().collect();
-            copy_batch(&tx, COPY_METRICS, &refs).await?;
-        }
-        tx.commit().await?;
-    }
-    Ok(())
-}
-
-/// The extra numeric fields as a JSON object, serialized straight from the pairs.
-#[derive(Debug)]
-struct ExtraFields<'a>(&'a [(String, f64)]);
-
-impl Serialize for ExtraFields<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
-    }
-}
-
-async fn copy_batch(tx: &Transaction<'_>, statement: &str, batch: &[&Envelope]) -> Result<(), SinkError> {
-    let sink = tx.copy_in(statement).await?;
-    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
-    pin_mut!(writer);
-    for env in batch {
-        let Item::Metric(m) = &env.item else { continue };
-        let time = chrono::DateTime::from_timestamp_micros(m.time_us).unwrap_or_default();
-        let extra = (!m.extra.is_empty()).then(|| Json(ExtraFields(&m.extra)));
-        let row: [&(dyn ToSql + Sync); 7] = [&time, &m.server_id, &m.cpu, &m.ram, &extra, &env.partition, &env.offset];
-        writer.as_mut().write(&row).await?;
-    }
-    writer.finish().await?;
-    Ok(())
-}
-
-async fn raise_watermarks(
-    tx: &Transaction<'_>,
-    topic: &str,
-    watermarks: &FastMap<(u16, i32), i64>,
-) -> Result<(), SinkError> {
-    if watermarks.is_empty() {
-        return Ok(());
-    }
-    let groups: Vec<i32> = watermarks.keys().map(|k| k.0 as i32).collect();
-    let partitions: Vec<i32> = watermarks.keys().map(|k| k.1).collect();
-    let offsets: Vec<i64> = watermarks.values().copied().collect();
-    tx.execute(
-        "INSERT INTO fleetflow_watermarks (topic, key_group, partition, last_offset)
-         SELECT $1, g, p, o FROM unnest($2::int[], $3::int[], $4::bigint[]) AS t(g, p, o)
-         ON CONFLICT (topic, key_group, partition) DO UPDATE
-           SET last_offset = GREATEST(fleetflow_watermarks.last_offset, EXCLUDED.last_offset)",
-        &[&topic, &groups, &partitions, &offsets],
-    )
-    .await?;
-    Ok(())
-}
-
-async fn audit(tx: &Transaction<'_>, run: &str, worker: usize, batches: &[Vec<&Envelope>]) -> Result<(), SinkError> {
-    let mut per_server: FastMap<&str, i32> = FastMap::default();
-    for env in batches.iter().flatten() {
-        if let Item::Metric(m) = &env.item {
-            *per_server.entry(m.server_id.as_str()).or_default() += 1;
-        }
-    }
-    let servers: Vec<&str> = per_server.keys().copied().collect();
-    let rows: Vec<i32> = servers.iter().map(|s| per_server[s]).collect();
-    tx.execute(
-        "INSERT INTO fleetflow_audit (run_id, worker, server_id, rows)
-         SELECT $1, $2, s, r FROM unnest($3::text[], $4::int[]) AS t(s, r)",
-        &[&run, &(worker as i32), &servers, &rows],
-    )
-    .await?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::record::Metric;
-
-    fn env(key_group: u16, partition: i32, offset: i64) -> Envelope {
-        let metric = Metric { server_id: "s1".into(), time_us: 0, cpu: Some(1.0), ram: None, extra: vec![] };
-        Envelope { key_group, partition, offset, item: Item::Metric(metric) }
-    }
-
-    #[test]
-    fn replayed_messages_at_or_below_their_watermark_are_dropped() {
-        let group =
-            vec![EpochWrite { epoch: 1, batches: vec![vec![env(1, 0, 5), env(1, 0, 6), env(2, 0, 5), env(1, 1, 3)]] }];
-        let watermarks = FastMap::from_iter([((1, 0), 5), ((1, 1), 7)]);
-        let plan = plan(&group, &watermarks);
-        let kept: Vec<(u16, i32, i64)> =
-            plan.batches.iter().flatten().map(|e| (e.key_group, e.partition, e.offset)).collect();
-        assert_eq!(kept, vec![(1, 0, 6), (2, 0, 5)]);
-        assert_eq!(plan.skipped, 2);
-        assert_eq!(plan.watermarks, FastMap::from_iter([((1, 0), 6), ((2, 0), 5)]));
-    }
-
-    #[test]
-    fn a_message_sent_twice_in_one_transaction_is_written_once() {
-        let group = vec![
-            EpochWrite { epoch: 1, batches: vec![vec![env(3, 2, 10)]] },
-            EpochWrite { epoch: 2, batches: vec![vec![env(3, 2, 10), env(3, 2, 11)]] },
-        ];
-        let plan = plan(&group, &FastMap::default());
-        assert_eq!(plan.rows, 2);
-        assert_eq!(plan.skipped, 1);
     }
 }
