@@ -9,66 +9,52 @@
 //!
 //! docs/architecture.md has the picture.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use dataflows::routing::owned_partitions;
 use dataflows::{Durable, EpochWriter, IngestSettings, Observer, OffsetCommitter, SinkShape};
 use timely::worker::Worker;
 
-use crate::cli::{RunArgs, StartFrom};
+use crate::config::{JobConfig, StartFrom};
+use crate::context::IngestContext;
 use crate::envelope::Envelope;
 use crate::kafka::consumer::StartOffset;
 use crate::kafka::source::KafkaSource;
 use crate::kafka::topic_watch::{check_topic, TopicCheck};
-use crate::record::{now_ms, Limits};
+use crate::record::now_ms;
 use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer, CommitterSettings};
 use crate::sink::writer::{spawn_writer, EpochWrite, WriterSettings};
 use crate::stats::Stats;
-
-/// Everything a worker needs, shared by the workers of a process.
-pub struct IngestContext {
-    pub args: RunArgs,
-    pub limits: Limits,
-    pub partitions: i32,
-    pub runtime: tokio::runtime::Handle,
-    pub stats: Arc<Stats>,
-    pub shutdown: Arc<AtomicBool>,
-    /// Identifies this run in the audit table.
-    pub run_id: String,
-    /// Whether rows are deduplicated on (serverId, time) (see `--dedup`).
-    pub natural_key: bool,
-}
 
 /// Runs the ingest dataflow on one worker until shutdown or, with `--exit-when-idle`, until
 /// its partitions are drained and committed.
 pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()> {
     let (index, peers) = (worker.index(), worker.peers());
-    let args = &ctx.args;
+    let config = &ctx.config;
     // First of all: make sure no other copy of the job writes this topic.
     let generation = agree_on_generation(worker, ctx)?;
     // Then: do the committed offsets still fit the topic? (a barrier: see topic_watch)
     let checked = check_topic(worker, ctx, generation)?;
     let partitions = owned_partitions(index, peers, ctx.partitions);
-    let starts = resolve_starts(args, &partitions, &ctx.runtime, &checked)?;
+    let starts = resolve_starts(config, &partitions, &ctx.runtime, &checked)?;
     tracing::info!(worker = index, ?partitions, ?starts, "worker starting");
     let reader = KafkaSource::open(ctx, (index, peers), &starts, &checked)?;
 
     // One worker leaves the database idle while it prepares each transaction; several
     // workers keep it busy already (measured: see the README's performance section).
-    let connections = args.sink_connections.unwrap_or(if peers == 1 { 2 } else { 1 });
+    let connections = config.sink.connections.unwrap_or(if peers == 1 { 2 } else { 1 });
     let writer = WriterSettings {
-        database_url: args.database.database_url.clone(),
-        topic: args.kafka.topic.clone(),
+        database_url: config.database.url.clone(),
+        topic: config.kafka.topic.clone(),
         worker: index,
         workers: peers,
         connection: 0,
         connections,
-        audit_run: args.audit.then(|| ctx.run_id.clone()),
+        audit_run: config.sink.audit.then(|| ctx.run_id.clone()),
         natural_key: ctx.natural_key,
-        rollups: args.rollups,
+        rollups: config.sink.rollups,
         generation,
-        timeout: args.database_timeout,
+        timeout: config.sink.timeout,
     };
     let make_writer = |connection, durable: Durable| {
         let settings = WriterSettings { connection, ..writer.clone() };
@@ -77,23 +63,23 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     let committer = Committer::spawn(
         &ctx.runtime,
         CommitterSettings {
-            database_url: args.database.database_url.clone(),
-            topic: args.kafka.topic.clone(),
+            database_url: config.database.url.clone(),
+            topic: config.kafka.topic.clone(),
             generation,
-            timeout: args.database_timeout,
+            timeout: config.sink.timeout,
         },
         ctx.stats.clone(),
     );
     let settings = IngestSettings {
-        epoch_records: args.epoch_records,
-        epoch_bytes: args.epoch_bytes,
-        epoch_interval: args.epoch_interval,
-        max_epochs_in_flight: args.max_epochs_in_flight,
+        epoch_records: config.epochs.records,
+        epoch_bytes: config.epochs.bytes,
+        epoch_interval: config.epochs.interval,
+        max_epochs_in_flight: config.epochs.max_in_flight,
         // This worker's share of the process's byte bound.
-        max_bytes_in_flight: (args.max_bytes_in_flight / args.workers.max(1)).max(1),
-        sink: SinkShape { batch_size: args.batch_size, connections },
-        commit_interval: args.commit_interval,
-        exit_when_idle: args.exit_when_idle,
+        max_bytes_in_flight: (config.epochs.max_bytes_in_flight / config.cluster.workers.max(1)).max(1),
+        sink: SinkShape { batch_size: config.sink.batch_size, connections },
+        commit_interval: config.commit_interval,
+        exit_when_idle: config.exit_when_idle,
     };
     let observer = StatsObserver::new(&ctx.stats);
     let (_, observer) =
@@ -115,14 +101,14 @@ pub struct TopicHeld(pub String);
 /// `sink::fence`) and broadcasts the outcome, so a job that is refused stops in every
 /// process with the same line, and no process can pick up another job's generation.
 fn agree_on_generation(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<i64> {
-    let args = &ctx.args;
+    let config = &ctx.config;
     // (generation, or -1 when another job holds the topic / -2 on any other error, with the
     // line saying why not)
     let outcome: Option<(i64, String)> = (worker.index() == 0).then(|| {
-        let holder = crate::sink::fence::describe_holder(&args.group);
-        let url = &args.database.database_url;
+        let holder = crate::sink::fence::describe_holder(&config.group);
+        let url = &config.database.url;
         let acquired =
-            ctx.runtime.block_on(crate::sink::fence::acquire(url, &args.kafka.topic, &holder, args.take_over));
+            ctx.runtime.block_on(crate::sink::fence::acquire(url, &config.kafka.topic, &holder, config.topic.take_over));
         match acquired {
             Ok(generation) => (generation, String::new()),
             Err(crate::sink::SinkError::Fenced(line)) => (-1, line),
@@ -142,21 +128,21 @@ fn agree_on_generation(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Resu
 /// was added to the topic later: earliest). A `latest` start is pinned in the database
 /// first, so a crash before the first commit cannot move it.
 fn resolve_starts(
-    args: &RunArgs,
+    config: &JobConfig,
     partitions: &[i32],
     runtime: &tokio::runtime::Handle,
     checked: &TopicCheck,
 ) -> anyhow::Result<Vec<(i32, StartOffset)>> {
-    let (url, topic) = (&args.database.database_url, &args.kafka.topic);
+    let (url, topic) = (&config.database.url, &config.kafka.topic);
     let committed = runtime.block_on(async { load_offsets(&crate::sink::connect(url).await?, topic).await })?;
     let mut starts = Vec::new();
     let mut to_pin = Vec::new();
     for &p in partitions {
-        let start = match (committed.get(&p), checked.start_for_uncommitted(args.start)) {
+        let start = match (committed.get(&p), checked.start_for_uncommitted(config.topic.start)) {
             (Some(next), _) => StartOffset::At(checked.resume_at(p, *next)),
             (None, StartFrom::Earliest) => StartOffset::Earliest,
             (None, StartFrom::Latest) => {
-                let end = crate::kafka::admin::end_offset(&args.kafka, p)?;
+                let end = crate::kafka::admin::end_offset(&config.kafka, p)?;
                 to_pin.push((p, end));
                 StartOffset::At(end)
             }

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod envelope;
 pub mod exit;
 pub mod gateway;

@@ -174,7 +174,7 @@ pub fn produce(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<LoadgenR
     }
     // An unreachable broker or a missing topic is one clear line now, not a minute of
     // unacknowledged sends.
-    crate::kafka::admin::partition_count(&args.kafka)?;
+    crate::kafka::admin::partition_count(&args.kafka.clone().into())?;
     produce_kafka(args, stop)
 }
 
@@ -304,7 +304,7 @@ fn produce_kafka(args: &LoadgenArgs, stop: &AtomicBool) -> anyhow::Result<Loadge
     let (start_ms, rate) = plan(args)?;
     let mut fleet = fleet_for(args, start_ms);
     let deliveries = Arc::new(Deliveries::default());
-    let producer = crate::kafka::producer::producer(&args.kafka, ArcContext(deliveries.clone()))?;
+    let producer = crate::kafka::producer::producer(&args.kafka.clone().into(), ArcContext(deliveries.clone()))?;
 
     let started = Instant::now();
     let mut sent = 0u64;

@@ -23,7 +23,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<String> {
         )
         .await
         .context("no fleetflow schema in this database (has the job run against it?)")?;
-    let kafka = args.kafka.clone();
+    let kafka = crate::config::KafkaConfig::from(args.kafka.clone());
     let committed: BTreeMap<i32, (i64, chrono::DateTime<chrono::Utc>, f64)> =
         rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3)))).collect();
     // Every partition the topic has now (added ones included) and every one with an offset.
@@ -171,22 +171,22 @@ pub async fn check(args: RunArgs) -> (String, bool) {
         ok &= passed;
         out += &format!("{} {what}\n", if passed { "ok  " } else { "FAIL" });
     };
-    match crate::config::timely_config(&args) {
-        Ok(_) => line(
+    match crate::config::JobConfig::from_args(args.clone()) {
+        Ok(config) => line(
             true,
             format!(
                 "config: {} process(es) x {} worker(s), this is process {}, topic {}, epochs of {} records / {}",
-                args.processes,
-                args.workers,
-                args.process_id,
-                args.kafka.topic,
-                args.epoch_records,
-                humantime::format_duration(args.epoch_interval)
+                config.cluster.processes,
+                config.cluster.workers,
+                config.cluster.process_id,
+                config.kafka.topic,
+                config.epochs.records,
+                humantime::format_duration(config.epochs.interval)
             ),
         ),
         Err(e) => line(false, format!("config: {e}")),
     }
-    let kafka = args.kafka.clone();
+    let kafka = crate::config::KafkaConfig::from(args.kafka.clone());
     match tokio::task::spawn_blocking(move || crate::kafka::admin::partition_count(&kafka)).await {
         Ok(Ok(n)) => {
             line(true, format!("kafka: reachable at {}", args.kafka.brokers));

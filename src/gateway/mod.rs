@@ -134,17 +134,18 @@ pub async fn serve(args: GatewayArgs) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
         _ => None,
     };
-    let mut config = crate::kafka::client_config(&args.kafka, crate::kafka::producer::PRODUCER_DEFAULTS);
+    let kafka = crate::config::KafkaConfig::from(args.kafka.clone());
+    let mut config = crate::kafka::client_config(&kafka, crate::kafka::producer::PRODUCER_DEFAULTS);
     config
         .set("linger.ms", args.linger_ms.to_string())
         .set("batch.num.messages", args.batch_records.to_string())
         .set("message.timeout.ms", args.produce_timeout.as_millis().to_string());
-    for (k, v) in &args.kafka.kafka_options {
+    // The user's -X options win over the flags above too.
+    for (k, v) in &kafka.options {
         config.set(k, v);
     }
     let producer: FutureProducer = config.create().context("cannot create the Kafka producer")?;
     // Fail at start, in one line, when the broker or the topic is not there.
-    let kafka = args.kafka.clone();
     tokio::task::spawn_blocking(move || crate::kafka::admin::partition_count(&kafka)).await??;
 
     let rate = args.rate_limit.map(|per_second| {

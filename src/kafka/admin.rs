@@ -8,18 +8,18 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::{client_config, KafkaError};
-use crate::cli::KafkaArgs;
+use crate::config::KafkaConfig;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Maps a client error to "cannot reach Kafka at <brokers>".
-fn unreachable(kafka: &KafkaArgs) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError + '_ {
+fn unreachable(kafka: &KafkaConfig) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError + '_ {
     |source| KafkaError::Unreachable { brokers: kafka.brokers.clone(), source }
 }
 
 /// The number of partitions of the topic, or a clear error when the broker is unreachable
 /// or the topic does not exist.
-pub fn partition_count(kafka: &KafkaArgs) -> Result<i32, KafkaError> {
+pub fn partition_count(kafka: &KafkaConfig) -> Result<i32, KafkaError> {
     let consumer: BaseConsumer = client_config(kafka, &[]).create()?;
     let metadata = consumer.fetch_metadata(Some(&kafka.topic), METADATA_TIMEOUT).map_err(unreachable(kafka))?;
     match metadata.topics().iter().find(|t| t.name() == kafka.topic) {
@@ -29,7 +29,7 @@ pub fn partition_count(kafka: &KafkaArgs) -> Result<i32, KafkaError> {
 }
 
 /// Creates the topic; an existing topic with the same partition count is fine.
-pub async fn create_topic(kafka: &KafkaArgs, partitions: i32, replication: i32) -> Result<(), KafkaError> {
+pub async fn create_topic(kafka: &KafkaConfig, partitions: i32, replication: i32) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[]).create()?;
     // An unreachable broker fails here within the metadata timeout (the admin request alone
     // would wait a minute and then say less).
@@ -55,21 +55,21 @@ pub async fn create_topic(kafka: &KafkaArgs, partitions: i32, replication: i32) 
 }
 
 /// The high watermark of one partition: the offset the next produced message will get.
-pub fn end_offset(kafka: &KafkaArgs, partition: i32) -> Result<i64, KafkaError> {
+pub fn end_offset(kafka: &KafkaConfig, partition: i32) -> Result<i64, KafkaError> {
     let (_, _, high) = watermarks(kafka, &[partition])?[0];
     Ok(high)
 }
 
 /// The low and high watermarks of each partition: the first offset still stored, and the
 /// offset the next produced message will get.
-pub fn watermarks(kafka: &KafkaArgs, partitions: &[i32]) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
+pub fn watermarks(kafka: &KafkaConfig, partitions: &[i32]) -> Result<Vec<(i32, i64, i64)>, KafkaError> {
     watermarks_each(kafka, partitions)?.into_iter().map(|(p, marks)| marks.map(|(low, high)| (p, low, high))).collect()
 }
 
 /// Like [`watermarks`], with an answer (or the reason there is none) per partition.
 #[allow(clippy::type_complexity)]
 pub fn watermarks_each(
-    kafka: &KafkaArgs,
+    kafka: &KafkaConfig,
     partitions: &[i32],
 ) -> Result<Vec<(i32, Result<(i64, i64), KafkaError>)>, KafkaError> {
     let consumer: BaseConsumer = client_config(kafka, &[]).create()?;

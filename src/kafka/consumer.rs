@@ -19,7 +19,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{client_config, KafkaError};
-use crate::cli::KafkaArgs;
+use crate::config::KafkaConfig;
 
 /// Throughput and memory settings of the job's consumers (the user's `-X` options still
 /// win), each with its reason.
@@ -77,7 +77,7 @@ pub struct PartitionReader {
 
 impl PartitionReader {
     /// Opens a consumer assigned to `starts` (partition, where to begin).
-    pub fn open(kafka: &KafkaArgs, group: &str, starts: &[(i32, StartOffset)]) -> Result<Self, KafkaError> {
+    pub fn open(kafka: &KafkaConfig, group: &str, starts: &[(i32, StartOffset)]) -> Result<Self, KafkaError> {
         let consumer: BaseConsumer<ReaderContext> =
             client_config(kafka, &reader_settings(group)).create_with_context(ReaderContext::default())?;
         consumer.assign(&assignment_of(&kafka.topic, starts)?)?;

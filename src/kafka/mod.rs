@@ -11,7 +11,7 @@ pub mod watch;
 
 use rdkafka::ClientConfig;
 
-use crate::cli::KafkaArgs;
+use crate::config::KafkaConfig;
 
 /// Errors talking to Kafka, worded for the person who has to fix them.
 #[derive(Debug, thiserror::Error)]
@@ -26,13 +26,13 @@ pub enum KafkaError {
 
 /// The base client settings: brokers plus the user's pass-through `-X key=value` options
 /// (TLS, SASL, tuning), which win over our defaults.
-pub fn client_config(kafka: &KafkaArgs, defaults: &[(&str, &str)]) -> ClientConfig {
+pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.brokers);
     for (k, v) in defaults {
         config.set(*k, *v);
     }
-    for (k, v) in &kafka.kafka_options {
+    for (k, v) in &kafka.options {
         config.set(k, v);
     }
     config

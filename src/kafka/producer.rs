@@ -4,7 +4,7 @@
 use rdkafka::producer::ThreadedProducer;
 
 use super::{client_config, KafkaError};
-use crate::cli::KafkaArgs;
+use crate::config::KafkaConfig;
 
 /// Settings every fleetflow producer uses; the user's `-X` options still win.
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
@@ -19,7 +19,7 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 
 /// A producer whose delivery reports go to `context`.
 pub fn producer<C: rdkafka::producer::ProducerContext + 'static>(
-    kafka: &KafkaArgs,
+    kafka: &KafkaConfig,
     context: C,
 ) -> Result<ThreadedProducer<C>, KafkaError> {
     Ok(client_config(kafka, PRODUCER_DEFAULTS).create_with_context(context)?)

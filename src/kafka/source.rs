@@ -10,7 +10,7 @@ use super::consumer::{PartitionReader as Consumer, Polled, StartOffset};
 use super::topic_watch::{PartitionWatch, TopicCheck};
 use super::watch::OffsetWatch;
 use crate::envelope::Envelope;
-use crate::ingest::IngestContext;
+use crate::context::IngestContext;
 use crate::record::{decode, now_ms};
 use crate::stats::{KindLabels, Stats};
 use dataflows::Stop;
@@ -33,7 +33,7 @@ impl<'a> KafkaSource<'a> {
         starts: &[(i32, StartOffset)],
         checked: &TopicCheck,
     ) -> anyhow::Result<Self> {
-        let consumer = Consumer::open(&ctx.args.kafka, &ctx.args.group, starts)?;
+        let consumer = Consumer::open(&ctx.config.kafka, &ctx.config.group, starts)?;
         let mut offsets = OffsetWatch::default();
         for (p, s) in starts {
             offsets.add(*p, if let StartOffset::At(o) = s { Some(*o) } else { None });
@@ -70,7 +70,7 @@ impl dataflows::PartitionReader for KafkaSource<'_> {
             self.watch.message(message.partition(), arrived);
             let raw = message.payload().unwrap_or_default();
             let time_ms = message.timestamp().to_millis();
-            let decoded = decode(raw, message.key(), time_ms, now, &ctx.limits);
+            let decoded = decode(raw, message.key(), time_ms, now, &ctx.config.limits);
             if let Err(e) = &decoded {
                 dead += 1;
                 ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();

@@ -28,8 +28,8 @@ use dataflows::from_first_worker::from_first_worker;
 use dataflows::routing::owned_partitions;
 use timely::worker::Worker;
 
-use crate::cli::{OnTopicReset, StartFrom};
-use crate::ingest::IngestContext;
+use crate::config::{OnTopicReset, StartFrom};
+use crate::context::IngestContext;
 use crate::kafka::consumer::{PartitionReader, StartOffset};
 use crate::kafka::watch::{check_start, Backlog, Gap, OffsetWatch, StallChange, StallDetector, StartCheck, TopicReset};
 use crate::sink::events::{self, Event, EventKind, EventLog};
@@ -86,8 +86,8 @@ type Outcome = (String, bool, Vec<(i32, i64, i64)>);
 
 /// The start-up check itself (worker 0).
 fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCheck> {
-    let (args, topic) = (&ctx.args, &ctx.args.kafka.topic);
-    let url = &args.database.database_url;
+    let (config, topic) = (&ctx.config, &ctx.config.kafka.topic);
+    let url = &config.database.url;
     let (committed, pending) = ctx.runtime.block_on(async {
         let client = crate::sink::connect(url).await?;
         let committed = crate::sink::offsets::load_offsets(&client, topic).await?;
@@ -98,7 +98,7 @@ fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCh
     committed.sort_unstable();
     let all: Vec<i32> = (0..ctx.partitions).collect();
     let mut marks = std::collections::BTreeMap::new();
-    for (partition, answer) in crate::kafka::admin::watermarks_each(&args.kafka, &all)? {
+    for (partition, answer) in crate::kafka::admin::watermarks_each(&config.kafka, &all)? {
         match answer {
             Ok(m) => {
                 marks.insert(partition, m);
@@ -143,7 +143,7 @@ fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCh
         "the offsets this database holds for topic {topic:?} do not fit it (deleted and recreated, or truncated?): {}",
         problems.join("; ")
     );
-    match args.on_topic_reset {
+    match config.topic.on_reset {
         // Not recorded as a reset: the operator may only have pointed the job at the wrong
         // cluster, and must be able to fix that without starting over (a reset found while
         // the job ran is recorded: the topic went back under it).
@@ -199,11 +199,11 @@ pub struct PartitionWatch {
 impl PartitionWatch {
     /// Starts watching `partitions`; reports the gaps the start-up check found in them.
     pub fn new(ctx: &IngestContext, worker: usize, workers: usize, partitions: &[i32], check: &TopicCheck) -> Self {
-        let args = &ctx.args;
-        let stall_after = if args.stall_timeout.is_zero() {
+        let config = &ctx.config;
+        let stall_after = if config.topic.stall_timeout.is_zero() {
             Duration::from_secs(30)
         } else {
-            (args.stall_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+            (config.topic.stall_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
         };
         let now = Instant::now();
         let mut stalls = StallDetector::new(stall_after);
@@ -211,12 +211,12 @@ impl PartitionWatch {
             stalls.add(*p, now);
         }
         let watch = PartitionWatch {
-            topic: args.kafka.topic.clone(),
+            topic: config.kafka.topic.clone(),
             worker,
             workers,
             stalls,
-            stall_timeout: args.stall_timeout,
-            events: EventLog::spawn(&ctx.runtime, args.database.database_url.clone(), args.kafka.topic.clone()),
+            stall_timeout: config.topic.stall_timeout,
+            events: EventLog::spawn(&ctx.runtime, config.database.url.clone(), config.kafka.topic.clone()),
             checked: (now, now, now),
             lag: Default::default(),
             lag_reported: 0,
@@ -247,11 +247,11 @@ impl PartitionWatch {
         ctx: &IngestContext,
     ) -> Result<(), String> {
         let now = Instant::now();
-        if now.duration_since(self.checked.1) >= ctx.args.metadata_interval {
+        if now.duration_since(self.checked.1) >= ctx.config.topic.metadata_interval {
             self.checked.1 = now;
             self.add_new_partitions(reader, offsets, ctx)?;
         }
-        if now.duration_since(self.checked.0) >= ctx.args.report_interval {
+        if now.duration_since(self.checked.0) >= ctx.config.report_interval {
             self.checked.0 = now;
             self.check_watermarks(reader, offsets, ctx)?;
         }
@@ -276,7 +276,7 @@ impl PartitionWatch {
             | TopicReset::PartitionGone { partition, .. } => *partition,
         };
         let event = Event { partition, kind: EventKind::Reset, range: None, detail: line.clone() };
-        events::record_now(&ctx.runtime, &ctx.args.database.database_url, &self.topic, &event, LAST_EVENT_TIMEOUT);
+        events::record_now(&ctx.runtime, &ctx.config.database.url, &self.topic, &event, LAST_EVENT_TIMEOUT);
         line
     }
 
@@ -374,7 +374,7 @@ impl PartitionWatch {
                 let event = Event { partition, kind: EventKind::Stopped, range: None, detail: line.clone() };
                 events::record_now(
                     &ctx.runtime,
-                    &ctx.args.database.database_url,
+                    &ctx.config.database.url,
                     &self.topic,
                     &event,
                     LAST_EVENT_TIMEOUT,
@@ -410,7 +410,7 @@ impl PartitionWatch {
         if new.is_empty() {
             return Ok(());
         }
-        let (url, topic) = (&ctx.args.database.database_url, &self.topic);
+        let (url, topic) = (&ctx.config.database.url, &self.topic);
         let committed = match ctx
             .runtime
             .block_on(async { crate::sink::offsets::load_offsets(&crate::sink::connect(url).await?, topic).await })

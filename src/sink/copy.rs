@@ -12,9 +12,12 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
-use super::writer::MAX_ROWS_PER_TRANSACTION;
 use super::SinkError;
 use crate::envelope::{Envelope, Item};
+
+/// Rows in one transaction at most: the writer merges epochs that queued up while the last
+/// transaction ran up to this, and the database ceiling of `bench` copies chunks of it.
+pub(super) const MAX_ROWS_PER_TRANSACTION: usize = 50_000;
 
 pub(super) const COPY_METRICS: &str =
     "COPY metrics (time, server_id, cpu, ram, extra, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";

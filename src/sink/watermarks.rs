@@ -9,7 +9,6 @@
 
 use tokio_postgres::{Client, Transaction};
 
-use super::writer::EpochWrite;
 use super::{FastMap, SinkError};
 use crate::envelope::{Envelope, Item};
 
@@ -41,10 +40,14 @@ pub(super) struct Plan<'a> {
 }
 
 /// Drops every message at or below its (key group, partition) watermark and computes the
-/// new watermarks.
-pub(super) fn plan<'a>(group: &'a [EpochWrite], watermarks: &FastMap<(u16, i32), i64>) -> Plan<'a> {
+/// new watermarks. `batches` are the transaction's batches in order (of one epoch or of
+/// several queued ones).
+pub(super) fn plan<'a>(
+    batches: impl IntoIterator<Item = &'a Vec<Envelope>>,
+    watermarks: &FastMap<(u16, i32), i64>,
+) -> Plan<'a> {
     let mut plan = Plan::default();
-    for batch in group.iter().flat_map(|w| &w.batches) {
+    for batch in batches {
         let mut rows = Vec::with_capacity(batch.len());
         for env in batch {
             let key = (env.key_group, env.partition);
@@ -104,9 +107,9 @@ mod tests {
     #[test]
     fn replayed_messages_at_or_below_their_watermark_are_dropped() {
         let group =
-            vec![EpochWrite { epoch: 1, batches: vec![vec![env(1, 0, 5), env(1, 0, 6), env(2, 0, 5), env(1, 1, 3)]] }];
+            vec![vec![vec![env(1, 0, 5), env(1, 0, 6), env(2, 0, 5), env(1, 1, 3)]]];
         let watermarks = FastMap::from_iter([((1, 0), 5), ((1, 1), 7)]);
-        let plan = plan(&group, &watermarks);
+        let plan = plan(group.iter().flatten(), &watermarks);
         let kept: Vec<(u16, i32, i64)> =
             plan.batches.iter().flatten().map(|e| (e.key_group, e.partition, e.offset)).collect();
         assert_eq!(kept, vec![(1, 0, 6), (2, 0, 5)]);
@@ -117,10 +120,10 @@ mod tests {
     #[test]
     fn a_message_sent_twice_in_one_transaction_is_written_once() {
         let group = vec![
-            EpochWrite { epoch: 1, batches: vec![vec![env(3, 2, 10)]] },
-            EpochWrite { epoch: 2, batches: vec![vec![env(3, 2, 10), env(3, 2, 11)]] },
+            vec![vec![env(3, 2, 10)]],
+            vec![vec![env(3, 2, 10), env(3, 2, 11)]],
         ];
-        let plan = plan(&group, &FastMap::default());
+        let plan = plan(group.iter().flatten(), &FastMap::default());
         assert_eq!(plan.rows, 2);
         assert_eq!(plan.skipped, 1);
     }
@@ -155,12 +158,12 @@ mod tests {
     }
 
     /// The records cut into batches of `batch_len`, `per_epoch` batches to an epoch.
-    fn epochs(records: &[Envelope], batch_len: usize, per_epoch: usize) -> Vec<EpochWrite> {
+    fn epochs(records: &[Envelope], batch_len: usize, per_epoch: usize) -> Vec<Vec<Vec<Envelope>>> {
         let batches: Vec<Vec<Envelope>> = records.chunks(batch_len).map(<[Envelope]>::to_vec).collect();
         batches
             .chunks(per_epoch)
             .enumerate()
-            .map(|(epoch, batches)| EpochWrite { epoch: epoch as u64, batches: batches.to_vec() })
+            .map(|(_, batches)| batches.to_vec())
             .collect()
     }
 
@@ -192,12 +195,12 @@ mod tests {
         ) {
             let records = records(&spec);
             let first = epochs(&records, batch_len, per_epoch);
-            let written = plan(&first, &stored);
+            let written = plan(first.iter().flatten(), &stored);
             let mut after = stored.clone();
             after.extend(written.watermarks.iter().map(|(k, v)| (*k, *v)));
 
             let replay = epochs(&records[..prefix.min(records.len())], replay_batch_len, replay_per_epoch);
-            let again = plan(&replay, &after);
+            let again = plan(replay.iter().flatten(), &after);
             prop_assert!(again.batches.is_empty());
             prop_assert!(again.dead_letters.is_empty());
             prop_assert!(again.watermarks.is_empty());
@@ -228,7 +231,7 @@ mod tests {
                 .collect();
             let records = records(&spec);
             let group = epochs(&records, batch_len, per_epoch);
-            let plan = plan(&group, &stored);
+            let plan = plan(group.iter().flatten(), &stored);
 
             let expected_batches: Vec<Vec<usize>> = group
                 .iter()
@@ -260,7 +263,7 @@ mod tests {
         ) {
             let records = records(&spec);
             let group = epochs(&records, batch_len, per_epoch);
-            let plan = plan(&group, &stored);
+            let plan = plan(group.iter().flatten(), &stored);
             let (rows, letters) = passed(&plan);
             prop_assert!(rows.windows(2).all(|w| w[0] < w[1]), "rows out of order: {:?}", rows);
             prop_assert!(letters.windows(2).all(|w| w[0] < w[1]), "dead letters out of order: {:?}", letters);
@@ -298,12 +301,12 @@ mod tests {
             let records = records(&spec);
             let group = epochs(&records, batch_len, per_epoch);
             let cut = cut.min(group.len());
-            let whole = plan(&group, &stored);
+            let whole = plan(group.iter().flatten(), &stored);
 
-            let first = plan(&group[..cut], &stored);
+            let first = plan(group[..cut].iter().flatten(), &stored);
             let mut between = stored.clone();
             between.extend(first.watermarks.iter().map(|(k, v)| (*k, *v)));
-            let second = plan(&group[cut..], &between);
+            let second = plan(group[cut..].iter().flatten(), &between);
             let (mut rows, mut letters) = passed(&first);
             let (rows2, letters2) = passed(&second);
             rows.extend(rows2);

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, Transaction};
 
 use super::audit::audit;
-use super::copy::{copy_batch, COPY_METRICS, COPY_STAGING};
+use super::copy::{copy_batch, COPY_METRICS, COPY_STAGING, MAX_ROWS_PER_TRANSACTION};
 use super::dead_letters::{copy_dead_letters, rejected_row, DeadLetterRow};
 use super::rollups::RollupDelta;
 use super::watermarks::{load_watermarks, plan, raise_watermarks};
@@ -38,9 +38,6 @@ use super::{backoff, connect_as, is_data_error, FastMap, SinkError};
 use crate::envelope::{DeadLetter, Envelope, Item};
 use crate::record::Metric;
 use crate::stats::Stats;
-
-/// Rows merged into one transaction at most, when several epochs are ready at once.
-pub(super) const MAX_ROWS_PER_TRANSACTION: usize = 50_000;
 
 /// Per connection, for `--dedup natural-key`: rows go here first, then into metrics
 /// unless their (server_id, time) is already there.
@@ -234,7 +231,7 @@ impl Writer {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             within(t, self.reconnect()).await?;
         }
-        let plan = plan(group, &self.watermarks);
+        let plan = plan(group.iter().flat_map(|w| &w.batches), &self.watermarks);
         let started = std::time::Instant::now();
         let settings = &self.settings;
         let client = self.client.as_mut().expect("connected above");
