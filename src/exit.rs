@@ -8,11 +8,13 @@
 //! - [`Exit::end`]: the process ends at once, saying nothing (a shutdown that gave up
 //!   waiting, a reader of our output that went away).
 //!
-//! The one exit that cannot go through here: a second SIGINT/SIGTERM during a shutdown ends
-//! the process inside the signal handler, with [`Exit::Error`]'s code (see `lifecycle`).
+//! Each of them first runs the process's last words, if it set some with [`on_exit`] (the job
+//! writes its final `--summary-json`). The one exit that cannot: a second SIGINT/SIGTERM
+//! during a shutdown ends the process inside the signal handler with [`Exit::Error`]'s code
+//! (see `lifecycle`).
 
 use std::process::ExitCode;
-use std::sync::Mutex;
+use std::sync::{Mutex, Once};
 
 /// A process's exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,8 +39,9 @@ impl Exit {
         self as i32
     }
 
-    /// Ends the process at once with this code and no line.
+    /// Ends the process at once with this code and no line (after the last words).
     pub fn end(self) -> ! {
+        last_words(self);
         std::process::exit(self.code())
     }
 }
@@ -53,13 +56,17 @@ impl From<Exit> for ExitCode {
 /// stderr (the error and its causes, see [`crate::one_line`]) and [`Exit::Error`].
 pub fn from_result(result: anyhow::Result<()>) -> ExitCode {
     match result {
-        Ok(()) => Exit::Ok.into(),
+        Ok(()) => {
+            last_words(Exit::Ok);
+            Exit::Ok.into()
+        }
         Err(e) => fail(Exit::Error, &crate::one_line(&e)),
     }
 }
 
 /// One line on stderr and the exit code for `main` to return.
 pub fn fail(exit: Exit, line: &str) -> ExitCode {
+    last_words(exit);
     eprintln!("fleetflow: {line}");
     exit.into()
 }
@@ -69,9 +76,58 @@ pub fn fail(exit: Exit, line: &str) -> ExitCode {
 /// from: unwinding the dataflow would only wait on peers that cannot finish either. Nothing
 /// is lost: what was not committed is read again on the next start.
 pub fn exit_with(exit: Exit, line: &str) -> ! {
+    // Before the lock below: last words that panic come back here through the panic hook.
+    last_words(exit);
     // Several workers often fail the same way at once: the first one speaks for the process.
     static EXITING: Mutex<()> = Mutex::new(());
     let _only_one = EXITING.lock();
     eprintln!("fleetflow: {line}");
     std::process::exit(exit.code())
+}
+
+type LastWords = Box<dyn FnOnce(Exit) + Send>;
+
+static LAST_WORDS: Mutex<Option<LastWords>> = Mutex::new(None);
+
+/// Sets what the process does right before it ends through this module, given the exit
+/// code; it replaces any earlier one, and the first exit runs it (once). Keep it short and
+/// wait on no lock a failing thread may hold: it can run on any thread, the panic hook's
+/// included.
+pub fn on_exit(words: impl FnOnce(Exit) + Send + 'static) {
+    let mut slot = LAST_WORDS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    *slot = Some(Box::new(words));
+}
+
+fn last_words(exit: Exit) {
+    thread_local! {
+        static SAYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    // This thread is saying them already: they panicked, and the panic hook is ending the
+    // process.
+    if SAYING.with(|saying| saying.replace(true)) {
+        return;
+    }
+    // The first exit says them; an exit on another thread meanwhile waits until they are said.
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let words = LAST_WORDS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(words) = words {
+            words(exit);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_words_run_once_with_the_exit_code() {
+        let said = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let record = said.clone();
+        on_exit(move |exit| record.lock().unwrap().push(exit));
+        last_words(Exit::Fenced);
+        last_words(Exit::Ok);
+        assert_eq!(*said.lock().unwrap(), vec![Exit::Fenced]);
+    }
 }

@@ -1,7 +1,7 @@
 //! Launches the ingest job: checks the flags, Kafka and the database up front (so a mistake
 //! is one clear line, not a stuck worker), then runs the timely workers of this process.
-//! Signals, watchdogs and the panic hook are `lifecycle`'s; the progress and final lines
-//! `report`'s.
+//! Signals, watchdogs and the panic hook are `lifecycle`'s; the progress line and the run
+//! summary `report`'s.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,12 +12,19 @@ use crate::cli::RunArgs;
 use crate::dataflows::ingest::{run_worker, IngestContext};
 use crate::exit::{exit_with, Exit};
 use crate::lifecycle::{ConnectWatchdog, Shutdown};
-use crate::report::Reporter;
+use crate::report::{Reporter, RunReport};
 use crate::stats::Stats;
 
 /// Runs `fleetflow run` to completion (shutdown signal or `--exit-when-idle`).
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::lifecycle::install_panic_hook();
+    // First: a summary file from an earlier run is replaced at once, and from here on every
+    // exit leaves this run's final summary.
+    let report = RunReport::create(&args)?;
+    crate::exit::on_exit({
+        let report = report.clone();
+        move |exit| report.finish(exit)
+    });
     let timely_config = crate::config::timely_config(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -44,8 +51,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if let (Some(retain), 0) = (args.retain, args.process_id) {
         runtime.spawn(apply_retention(args.database.database_url.clone(), retain));
     }
-    let started = Instant::now();
-    let reporter = Reporter::spawn(stats.clone(), args.report_interval);
+    report.attach(stats.clone(), Instant::now());
+    let reporter = Reporter::spawn(stats.clone(), args.report_interval, report.clone());
 
     let run_id = format!("{}-p{}", crate::record::now_ms(), args.process_id);
     let connect_watchdog = ConnectWatchdog::start(args.processes, args.connect_timeout);
@@ -75,7 +82,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     reporter.stop();
 
-    crate::report::log_finished(&stats, started);
+    let summary = report.summary(Some(Exit::Ok));
+    crate::report::log_finished(&summary);
+    report.write_final(&summary)?;
     Ok(())
 }
 
