@@ -85,7 +85,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let stamp = now_ms();
     let kafka = KafkaArgs { topic: format!("{}_{stamp}", args.kafka.topic), ..args.kafka.clone() };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(crate::kafka::admin::create_topic(&kafka, 4, 1))?;
+    runtime.block_on(crate::kafka::admin::create_topic(&kafka.clone().into(), 4, 1))?;
 
     let start_time = crate::record::format_micros((now_ms() - 86_400_000) * 1000);
     let loadgen = |kafka: KafkaArgs, count: u64, rate: Option<f64>, start_time: Option<String>| LoadgenArgs {
@@ -146,7 +146,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let bad_count = (args.records / 2).max(1);
     eprintln!("bench: job 1x2 on {bad_count} malformed records");
     let bad_topic = KafkaArgs { topic: format!("{}_bad", kafka.topic), ..kafka.clone() };
-    runtime.block_on(crate::kafka::admin::create_topic(&bad_topic, 4, 1))?;
+    runtime.block_on(crate::kafka::admin::create_topic(&bad_topic.clone().into(), 4, 1))?;
     let bad_loadgen = LoadgenArgs { bad_fraction: 1.0, ..loadgen(bad_topic.clone(), bad_count, None, None) };
     crate::loadgen::produce(&bad_loadgen, &AtomicBool::new(false))?;
     let db = fresh_database(&runtime, &args.database.database_url, &format!("bench_bad_{stamp}"))?;
@@ -175,7 +175,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         steady_rate = (best * args.steady_fraction).max(100.0);
         eprintln!("bench: steady state at {steady_rate:.0} records/s for {} s", args.latency_seconds);
         let steady_topic = KafkaArgs { topic: format!("{}_steady", kafka.topic), ..kafka.clone() };
-        runtime.block_on(crate::kafka::admin::create_topic(&steady_topic, 4, 1))?;
+        runtime.block_on(crate::kafka::admin::create_topic(&steady_topic.clone().into(), 4, 1))?;
         let db = fresh_database(&runtime, &args.database.database_url, &format!("bench_steady_{stamp}"))?;
         let count = (steady_rate * args.latency_seconds as f64) as u64;
         let steady = loadgen(steady_topic.clone(), count, Some(steady_rate), None);
@@ -265,10 +265,11 @@ fn big_messages_run(
     use rdkafka::producer::{BaseRecord, Producer};
     let limit = Limits::default().max_bytes;
     let topic = KafkaArgs { topic: format!("{}_big", kafka.topic), ..kafka.clone() };
-    runtime.block_on(crate::kafka::admin::create_topic(&topic, 4, 1))?;
+    runtime.block_on(crate::kafka::admin::create_topic(&topic.clone().into(), 4, 1))?;
     eprintln!("bench: job 1x2 on {messages} messages of about {} KiB", limit / 1024);
     let deliveries = std::sync::Arc::new(crate::loadgen::Deliveries::default());
-    let producer = crate::kafka::producer::producer(&topic, crate::loadgen::ArcContext(deliveries.clone()))?;
+    let producer =
+        crate::kafka::producer::producer(&topic.clone().into(), crate::loadgen::ArcContext(deliveries.clone()))?;
     let mut bytes = 0usize;
     for i in 0..messages {
         let id = format!("big{}", i % 100);
@@ -287,7 +288,7 @@ fn big_messages_run(
     }
     producer.flush(Duration::from_secs(120))?;
     let empty = KafkaArgs { topic: format!("{}_empty", kafka.topic), ..kafka.clone() };
-    runtime.block_on(crate::kafka::admin::create_topic(&empty, 4, 1))?;
+    runtime.block_on(crate::kafka::admin::create_topic(&empty.clone().into(), 4, 1))?;
     let db = fresh_database(runtime, server_url, &format!("bench_empty_{stamp}"))?;
     let idle = run_job(&empty, &db, "1x2", &["--exit-when-idle", "1s"], None)?;
     let baseline = idle.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max);
@@ -316,7 +317,7 @@ fn big_messages_run(
 
 fn kafka_ceiling(kafka: &KafkaArgs, expected: u64) -> anyhow::Result<f64> {
     let starts: Vec<(i32, StartOffset)> = (0..4).map(|p| (p, StartOffset::Earliest)).collect();
-    let mut reader = PartitionReader::open(kafka, "fleetflow-bench", &starts)?;
+    let mut reader = PartitionReader::open(&kafka.clone().into(), "fleetflow-bench", &starts)?;
     let started = Instant::now();
     let mut read = 0u64;
     while read < expected {

@@ -343,9 +343,14 @@ pub struct RunArgs {
     /// Exit once every partition has been at its end this long and everything is committed.
     #[arg(long, env = "FLEETFLOW_EXIT_WHEN_IDLE", value_parser = parse_duration)]
     pub exit_when_idle: Option<Duration>,
-    /// How often the one-line progress report is printed.
+    /// How often the one-line progress report is printed (and --summary-json rewritten).
     #[arg(long, env = "FLEETFLOW_REPORT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub report_interval: Duration,
+    /// Write this process's run summary to FILE as JSON (what the "job finished" line says):
+    /// at start, at every --report-interval ("finished": false) and at exit ("finished":
+    /// true, with the exit code). Each write replaces the file atomically.
+    #[arg(long, env = "FLEETFLOW_SUMMARY_JSON", value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
     /// With several processes: how long to wait at start for the other processes of the job
     /// to connect before giving up with an error (0s waits forever).
     #[arg(long, env = "FLEETFLOW_CONNECT_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
@@ -507,6 +512,7 @@ mod tests {
         assert_eq!(run.stall_timeout, Duration::from_secs(120));
         assert_eq!(run.on_topic_reset, OnTopicReset::Refuse);
         assert_eq!(run.metadata_interval, Duration::from_secs(10));
+        assert_eq!(run.summary_json, None);
     }
 
     #[test]

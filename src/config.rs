@@ -145,6 +145,8 @@ pub struct JobConfig {
     pub shutdown_timeout: Duration,
     /// Serve Prometheus `/metrics` and `/healthz` here.
     pub metrics_listen: Option<String>,
+    /// Write the run summary (JSON) here, at every report and at exit.
+    pub summary_json: Option<PathBuf>,
 }
 
 impl JobConfig {
@@ -215,6 +217,7 @@ impl JobConfig {
             report_interval: args.report_interval,
             shutdown_timeout: args.shutdown_timeout,
             metrics_listen: args.metrics_listen,
+            summary_json: args.summary_json,
             group: args.group,
             kafka: args.kafka.into(),
             database: args.database.into(),

@@ -107,8 +107,12 @@ fn agree_on_generation(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Resu
     let outcome: Option<(i64, String)> = (worker.index() == 0).then(|| {
         let holder = crate::sink::fence::describe_holder(&config.group);
         let url = &config.database.url;
-        let acquired =
-            ctx.runtime.block_on(crate::sink::fence::acquire(url, &config.kafka.topic, &holder, config.topic.take_over));
+        let acquired = ctx.runtime.block_on(crate::sink::fence::acquire(
+            url,
+            &config.kafka.topic,
+            &holder,
+            config.topic.take_over,
+        ));
         match acquired {
             Ok(generation) => (generation, String::new()),
             Err(crate::sink::SinkError::Fenced(line)) => (-1, line),

@@ -13,12 +13,14 @@ pub mod gateway;
 pub mod ingest;
 pub mod job;
 pub mod kafka;
+pub mod lifecycle;
 pub mod loadgen;
 pub mod metrics;
 pub mod ops;
 pub mod partitioning;
 pub mod query;
 pub mod record;
+pub mod report;
 pub mod sink;
 pub mod stats;
 

@@ -28,7 +28,7 @@ fn add_partitions(stack: &Stack, partitions: usize) {
             }
         }
         Err(rdkafka::error::KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::UnsupportedFeature)) => {
-            let current = fleetflow::kafka::admin::partition_count(&stack.broker.kafka(&stack.topic)).unwrap();
+            let current = fleetflow::kafka::admin::partition_count(&stack.broker.kafka(&stack.topic).into()).unwrap();
             let mut sql = format!("UPDATE topic SET partitions = {partitions} WHERE name = '{}';", stack.topic);
             for p in current..partitions as i32 {
                 sql += &format!(
@@ -48,7 +48,9 @@ fn add_partitions(stack: &Stack, partitions: usize) {
         Err(e) => panic!("CreatePartitions request: {e}"),
     }
     let deadline = Instant::now() + Duration::from_secs(20);
-    while fleetflow::kafka::admin::partition_count(&stack.broker.kafka(&stack.topic)).unwrap() != partitions as i32 {
+    while fleetflow::kafka::admin::partition_count(&stack.broker.kafka(&stack.topic).into()).unwrap()
+        != partitions as i32
+    {
         assert!(Instant::now() < deadline, "the topic does not show {partitions} partitions");
         std::thread::sleep(Duration::from_millis(100));
     }

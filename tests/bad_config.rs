@@ -62,7 +62,7 @@ fn unreachable_database_and_missing_timescaledb() {
     let dir = test_dir("bad_config_db");
     let broker = Broker::start(&dir);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    rt.block_on(fleetflow::kafka::admin::create_topic(&broker.kafka("metrics"), 1, 1)).unwrap();
+    rt.block_on(fleetflow::kafka::admin::create_topic(&broker.kafka("metrics").into(), 1, 1)).unwrap();
 
     let dead = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
     let line = fails_with_one_line(&["run", "--brokers", &broker.addr, "--database-url", &dead]);

@@ -75,9 +75,9 @@ fn every_kind_of_bad_message_is_dead_lettered_once_and_the_rest_lands() {
     let now = fleetflow::record::now_ms();
     let messages = messages(now);
     let deliveries = std::sync::Arc::new(fleetflow::loadgen::Deliveries::default());
-    let kafka = fleetflow::cli::KafkaArgs {
-        kafka_options: vec![("message.max.bytes".into(), "2000000".into())],
-        ..stack.broker.kafka(&stack.topic)
+    let kafka = fleetflow::config::KafkaConfig {
+        options: vec![("message.max.bytes".into(), "2000000".into())],
+        ..stack.broker.kafka(&stack.topic).into()
     };
     let producer =
         fleetflow::kafka::producer::producer(&kafka, fleetflow::loadgen::ArcContext(deliveries.clone())).unwrap();

@@ -32,7 +32,7 @@ fn refused_records_become_dead_letters(name: &str, flags: &[&str]) {
     let now = fleetflow::record::now_ms();
     let deliveries = std::sync::Arc::new(fleetflow::loadgen::Deliveries::default());
     let producer = fleetflow::kafka::producer::producer(
-        &stack.broker.kafka(&stack.topic),
+        &stack.broker.kafka(&stack.topic).into(),
         fleetflow::loadgen::ArcContext(deliveries.clone()),
     )
     .unwrap();

@@ -81,7 +81,7 @@ fn batch(first: usize, count: usize, t0: i64, edge_tail: bool) -> Vec<Message> {
 fn produce(stack: &Stack, messages: &[Message], already: usize) {
     let deliveries = Arc::new(fleetflow::loadgen::Deliveries::default());
     let producer = fleetflow::kafka::producer::producer(
-        &stack.broker.kafka(&stack.topic),
+        &stack.broker.kafka(&stack.topic).into(),
         fleetflow::loadgen::ArcContext(deliveries.clone()),
     )
     .unwrap();

@@ -97,7 +97,7 @@ fn silent_servers_and_every_query_subcommand_on_known_data() {
     records.push(("quiet".into(), now - 300_000, 20.0));
     records.push(("gone".into(), now - 2 * 3_600_000, 20.0));
     let producer = fleetflow::kafka::producer::producer(
-        &stack.broker.kafka(&stack.topic),
+        &stack.broker.kafka(&stack.topic).into(),
         fleetflow::loadgen::ArcContext(Default::default()),
     )
     .unwrap();

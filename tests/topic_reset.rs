@@ -28,7 +28,7 @@ fn recreate_topic(stack: &Stack) {
     for result in results {
         result.unwrap_or_else(|(topic, code)| panic!("the broker cannot delete {topic}: {code:?}"));
     }
-    let kafka = stack.broker.kafka(&stack.topic);
+    let kafka: fleetflow::config::KafkaConfig = stack.broker.kafka(&stack.topic).into();
     let deadline = Instant::now() + Duration::from_secs(20);
     while fleetflow::kafka::admin::partition_count(&kafka).is_ok() {
         assert!(Instant::now() < deadline, "the topic is still there after DeleteTopics");
@@ -151,7 +151,8 @@ fn messages_retention_deleted_before_they_were_read_are_a_counted_gap() {
     list.add_partition_offset(&stack.topic, partition, rdkafka::Offset::Offset(committed + 300)).unwrap();
     let result = common::runtime().block_on(admin(&stack).delete_records(&list, &options())).unwrap();
     assert_eq!(result.elements()[0].error(), Ok(()), "DeleteRecords");
-    let (_, low, _) = fleetflow::kafka::admin::watermarks(&stack.broker.kafka(&stack.topic), &[partition]).unwrap()[0];
+    let (_, low, _) =
+        fleetflow::kafka::admin::watermarks(&stack.broker.kafka(&stack.topic).into(), &[partition]).unwrap()[0];
     assert_eq!(low, committed + 300, "the broker moved the log start");
 
     let metrics = format!("127.0.0.1:{}", common::free_port());

@@ -372,13 +372,7 @@ impl PartitionWatch {
                     humantime::format_duration(self.stall_timeout)
                 );
                 let event = Event { partition, kind: EventKind::Stopped, range: None, detail: line.clone() };
-                events::record_now(
-                    &ctx.runtime,
-                    &ctx.config.database.url,
-                    &self.topic,
-                    &event,
-                    LAST_EVENT_TIMEOUT,
-                );
+                events::record_now(&ctx.runtime, &ctx.config.database.url, &self.topic, &event, LAST_EVENT_TIMEOUT);
                 Err(line)
             }
             _ => Ok(()),

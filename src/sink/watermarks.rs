@@ -106,8 +106,7 @@ mod tests {
 
     #[test]
     fn replayed_messages_at_or_below_their_watermark_are_dropped() {
-        let group =
-            vec![vec![vec![env(1, 0, 5), env(1, 0, 6), env(2, 0, 5), env(1, 1, 3)]]];
+        let group = [vec![vec![env(1, 0, 5), env(1, 0, 6), env(2, 0, 5), env(1, 1, 3)]]];
         let watermarks = FastMap::from_iter([((1, 0), 5), ((1, 1), 7)]);
         let plan = plan(group.iter().flatten(), &watermarks);
         let kept: Vec<(u16, i32, i64)> =
@@ -119,10 +118,7 @@ mod tests {
 
     #[test]
     fn a_message_sent_twice_in_one_transaction_is_written_once() {
-        let group = vec![
-            vec![vec![env(3, 2, 10)]],
-            vec![vec![env(3, 2, 10), env(3, 2, 11)]],
-        ];
+        let group = [vec![vec![env(3, 2, 10)]], vec![vec![env(3, 2, 10), env(3, 2, 11)]]];
         let plan = plan(group.iter().flatten(), &FastMap::default());
         assert_eq!(plan.rows, 2);
         assert_eq!(plan.skipped, 1);
@@ -160,11 +156,7 @@ mod tests {
     /// The records cut into batches of `batch_len`, `per_epoch` batches to an epoch.
     fn epochs(records: &[Envelope], batch_len: usize, per_epoch: usize) -> Vec<Vec<Vec<Envelope>>> {
         let batches: Vec<Vec<Envelope>> = records.chunks(batch_len).map(<[Envelope]>::to_vec).collect();
-        batches
-            .chunks(per_epoch)
-            .enumerate()
-            .map(|(_, batches)| batches.to_vec())
-            .collect()
+        batches.chunks(per_epoch).map(<[Vec<Envelope>]>::to_vec).collect()
     }
 
     /// Ids of the rows and of the dead letters a plan writes, in the order it writes them.
@@ -235,7 +227,7 @@ mod tests {
 
             let expected_batches: Vec<Vec<usize>> = group
                 .iter()
-                .flat_map(|w| &w.batches)
+                .flatten()
                 .map(|b| b.iter().filter(|e| matches!(e.item, Item::Metric(_))).map(id).collect::<Vec<_>>())
                 .filter(|b| !b.is_empty())
                 .collect();

@@ -244,7 +244,7 @@ impl Stack {
     pub fn with(dir: PathBuf, broker: Broker, db: Database, partitions: i32) -> Stack {
         let topic = "metrics".to_owned();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        rt.block_on(fleetflow::kafka::admin::create_topic(&broker.kafka(&topic), partitions, 1)).unwrap();
+        rt.block_on(fleetflow::kafka::admin::create_topic(&broker.kafka(&topic).into(), partitions, 1)).unwrap();
         Stack { dir, broker, db, topic }
     }
 
@@ -263,7 +263,7 @@ impl Stack {
     /// The end offset of every partition, from the broker.
     pub fn end_offsets(&self, partitions: i32) -> Vec<(i32, i64)> {
         (0..partitions)
-            .map(|p| (p, fleetflow::kafka::admin::end_offset(&self.broker.kafka(&self.topic), p).unwrap()))
+            .map(|p| (p, fleetflow::kafka::admin::end_offset(&self.broker.kafka(&self.topic).into(), p).unwrap()))
             .collect()
     }
 
