@@ -332,54 +332,6 @@ pub fn cluster_addresses(args: &RunArgs) -> Result<Vec<String>, ConfigError> {
     Ok(addresses)
 }
 
-/// Checks the flags and builds timely's configuration from them.
-pub fn timely_config(args: &RunArgs) -> Result<timely::Config, ConfigError> {
-    if args.workers == 0 {
-        return Err(ConfigError::NoWorkers);
-    }
-    if args.processes == 0 {
-        return Err(ConfigError::NoProcesses);
-    }
-    if args.process_id >= args.processes {
-        return Err(ConfigError::ProcessIdOutOfRange { id: args.process_id, processes: args.processes });
-    }
-    for (value, flag) in [
-        (args.epoch_records, "--epoch-records"),
-        (args.epoch_bytes, "--epoch-bytes"),
-        (args.max_bytes_in_flight, "--max-bytes-in-flight"),
-        (args.batch_size, "--batch-size"),
-        (args.sink_connections.unwrap_or(1), "--sink-connections"),
-        (args.max_epochs_in_flight as usize, "--max-epochs-in-flight"),
-        (args.database_timeout.as_millis().min(1) as usize, "--database-timeout (in milliseconds)"),
-        (args.metadata_interval.as_millis().min(1) as usize, "--metadata-interval (in milliseconds)"),
-    ] {
-        if value == 0 {
-            return Err(ConfigError::Zero(flag));
-        }
-    }
-    if args.max_message_bytes > crate::record::MAX_MESSAGE_BYTES {
-        return Err(ConfigError::MessageBytesAboveCeiling(args.max_message_bytes));
-    }
-    let addresses = cluster_addresses(args)?;
-    let communication = if args.processes == 1 {
-        timely::CommunicationConfig::Process(args.workers)
-    } else {
-        timely::CommunicationConfig::Cluster {
-            threads: args.workers,
-            process: args.process_id,
-            addresses,
-            report: false,
-            zerocopy: false,
-        }
-    };
-    Ok(timely::Config { communication, worker: timely::WorkerConfig::default() })
-}
-
-/// The record limits the job validates against.
-pub fn limits(args: &RunArgs) -> Limits {
-    Limits { max_bytes: args.max_message_bytes, max_age: args.max_age, max_future: args.max_future }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,18 +348,74 @@ mod tests {
 
     #[test]
     fn single_process_needs_no_addresses() {
-        assert!(timely_config(&run_args(&["-w", "3"])).is_ok());
+        let config = JobConfig::from_args(run_args(&["-w", "3"])).unwrap();
+        assert!(config.cluster.addresses.is_empty());
+        assert!(matches!(config.cluster.timely().communication, timely::CommunicationConfig::Process(3)));
+    }
+
+    #[test]
+    fn every_flag_lands_in_the_typed_config() {
+        let config = JobConfig::from_args(run_args(&[
+            "--brokers",
+            "k:1",
+            "--topic",
+            "t",
+            "-X",
+            "a=b",
+            "--database-url",
+            "postgres://x",
+            "--epoch-records",
+            "7",
+            "--sink-connections",
+            "3",
+            "--dedup",
+            "natural-key",
+            "--rollups",
+            "false",
+            "--start",
+            "latest",
+            "--on-topic-reset",
+            "start-over",
+            "--max-message-bytes",
+            "100",
+            "--summary-json",
+            "s.json",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.kafka,
+            KafkaConfig { options: vec![("a".into(), "b".into())], ..KafkaConfig::new("k:1", "t") }
+        );
+        assert_eq!(config.database.url, "postgres://x");
+        assert_eq!((config.epochs.records, config.sink.connections), (7, Some(3)));
+        assert_eq!((config.sink.dedup, config.sink.rollups), (Dedup::NaturalKey, false));
+        assert_eq!((config.topic.start, config.topic.on_reset), (StartFrom::Latest, OnTopicReset::StartOver));
+        assert_eq!(config.limits.max_bytes, 100);
+        assert_eq!(config.summary_json.as_deref(), Some(Path::new("s.json")));
+    }
+
+    #[test]
+    fn zero_sizes_are_refused_by_flag_name() {
+        for (flag, line) in [
+            ("--epoch-records", "--epoch-records must be at least 1"),
+            ("--batch-size", "--batch-size must be at least 1"),
+            ("--max-epochs-in-flight", "--max-epochs-in-flight must be at least 1"),
+            ("--sink-connections", "--sink-connections must be at least 1"),
+        ] {
+            let err = JobConfig::from_args(run_args(&[flag, "0"])).unwrap_err();
+            assert_eq!(err.to_string(), line);
+        }
     }
 
     #[test]
     fn process_id_must_be_below_processes() {
-        let err = timely_config(&run_args(&["-n", "2", "-p", "2", "--hosts", "a:1,b:2"])).unwrap_err();
+        let err = JobConfig::from_args(run_args(&["-n", "2", "-p", "2", "--hosts", "a:1,b:2"])).unwrap_err();
         assert_eq!(err.to_string(), "--process-id 2 is outside --processes 2 (valid ids: 0 to 1)");
     }
 
     #[test]
     fn host_list_must_match_processes() {
-        let err = timely_config(&run_args(&["-n", "3", "--hosts", "a:1,b:2"])).unwrap_err();
+        let err = JobConfig::from_args(run_args(&["-n", "3", "--hosts", "a:1,b:2"])).unwrap_err();
         assert!(matches!(err, ConfigError::AddressCount { processes: 3, found: 2, .. }), "{err}");
     }
 
@@ -443,14 +451,14 @@ mod tests {
 
     #[test]
     fn max_message_bytes_has_a_ceiling() {
-        assert!(timely_config(&run_args(&["--max-message-bytes", "1048576"])).is_ok());
-        let err = timely_config(&run_args(&["--max-message-bytes", "1048577"])).unwrap_err();
+        assert!(JobConfig::from_args(run_args(&["--max-message-bytes", "1048576"])).is_ok());
+        let err = JobConfig::from_args(run_args(&["--max-message-bytes", "1048577"])).unwrap_err();
         assert_eq!(err.to_string(), "--max-message-bytes 1048577 is above the ceiling of 1048576 bytes (1 MiB)");
     }
 
     #[test]
     fn addresses_need_a_port() {
-        let err = timely_config(&run_args(&["-n", "2", "--hosts", "a:1,b"])).unwrap_err();
+        let err = JobConfig::from_args(run_args(&["-n", "2", "--hosts", "a:1,b"])).unwrap_err();
         assert!(matches!(err, ConfigError::BadAddress(ref a) if a == "b"), "{err}");
     }
 }
