@@ -22,7 +22,7 @@ logs=target/backpressure && mkdir -p $logs
 printf '127.0.0.1:%s\n' 52201 52202 >$logs/hostfile
 for p in 0 1; do
   FLEETFLOW_LOG=info $bin run --processes 2 --process-id $p --hostfile $logs/hostfile --workers 2 \
-    --report-interval 5s 2>$logs/job-p$p.log &
+    --report-interval 5s --summary-json $logs/summary-p$p.json 2>$logs/job-p$p.log &
   eval "job$p=$!"
 done
 LENGTH="${LENGTH:-$((DOWN + 60))}"
@@ -37,7 +37,18 @@ sample() {
     [ "$rss" -gt "$peak" ] && peak=$rss
     line="$line  rss=$((rss / 1024))MiB"
   done
-  echo "$line  $(grep -h 'progress:' $logs/job-p0.log | tail -1 | sed 's/.*progress: //; s/ records_read=.*//')"
+  echo "$line  $(progress $logs/summary-p0.json)"
+}
+# Process 0's progress from its run summary, rewritten at every --report-interval.
+progress() {
+  python3 - "$1" <<'PY' 2>/dev/null || echo "(no summary yet)"
+import json, sys
+s = json.load(open(sys.argv[1]))
+state = " (waiting for the database)" if s["waiting_for_database"] else \
+    " (backpressure: the database is behind)" if s["backpressured"] else ""
+print(f"{s['records_read']} read, {s['rows_written']} rows written, {s['dead_letters']} dead letters,"
+      f" durable epoch {s['durable_epoch']}, lag {s['lag']}{state}")
+PY
 }
 t=0
 for _ in 1 2 3; do sleep 5; t=$((t + 5)); sample $t; done

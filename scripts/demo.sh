@@ -46,7 +46,7 @@ started=$(date +%s%N)
 pids=()
 for p in 0 1; do
   FLEETFLOW_LOG=info $bin run --processes 2 --process-id $p --hostfile "$hostfile" --workers 2 \
-    --exit-when-idle 2s 2>"$logs/job-p$p.log" &
+    --exit-when-idle 2s --summary-json "$logs/summary-p$p.json" 2>"$logs/job-p$p.log" &
   pids+=($!)
 done
 status=0
@@ -54,7 +54,21 @@ for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 if [ "$status" != 0 ]; then
   echo "the job failed; logs:" >&2; tail -n 20 "$logs"/job-p*.log >&2; exit 1
 fi
-grep -h "job finished" "$logs"/job-p*.log | sed 's/\x1b\[[0-9;]*m//g; s/^.*job finished: /  process: /'
+# Each process's run summary (run --summary-json), as its "job finished" log line says it.
+python3 - "$logs"/summary-p*.json <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    with open(path) as f:
+        s = json.load(f)
+    na = lambda v, fmt: format(v, fmt) if v is not None else "NaN"
+    print(f"  process: {s['rows_written']} rows written in {s['active_seconds']:.2f} s of work"
+          f" ({s['rows_per_second']:.0f} rows/s) records_read={s['records_read']} rows_written={s['rows_written']}"
+          f" dead_letters={s['dead_letters']} replayed_skipped={s['replayed_skipped']}"
+          f" natural_key_duplicates={s['natural_key_duplicates']} seconds=\"{s['seconds']:.1f}\""
+          f" active_seconds=\"{s['active_seconds']:.3f}\" cpu_seconds=\"{na(s['cpu_seconds'], '.2f')}\""
+          f" peak_rss_mib=\"{na(s['peak_rss_mib'], '.1f')}\" latency_p50_ms={s['latency_p50_ms']}"
+          f" latency_p99_ms={s['latency_p99_ms']} rows_per_second=\"{s['rows_per_second']:.0f}\"")
+PY
 
 after=$(sql -Atc "SELECT count(*) FROM metrics")
 echo
@@ -66,4 +80,4 @@ echo "== from the rollups: the five hottest servers of the last 5 minutes (fleet
 $bin query top --metric cpu --window 5m --limit 5
 echo "== the fleet, minute by minute (fleetflow query fleet --since 5m)"
 $bin query fleet --since 5m
-echo "logs: $logs/job-p0.log $logs/job-p1.log"
+echo "logs: $logs/job-p0.log $logs/job-p1.log; run summaries (JSON): $logs/summary-p0.json $logs/summary-p1.json"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build prerequisites beyond what a fresh machine of this kind has: OpenSSL headers (rdkafka's
 # TLS support links the system OpenSSL), sqlite3 (tests/added_partitions.rs grows the
-# broker's sqlite storage, since nisshi has no CreatePartitions), and promtool (from Debian's
-# `prometheus` package: the test command checks and unit-tests docker/prometheus/). Idempotent.
+# broker's sqlite storage, since nisshi has no CreatePartitions), python3 (demo.sh reads the
+# job's JSON run summaries, test.sh checks docker/), and promtool (from Debian's `prometheus`
+# package: the test command checks and unit-tests docker/prometheus/). Idempotent.
 set -euo pipefail
 missing=()
-for pkg in libssl-dev pkg-config sqlite3; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+for pkg in libssl-dev pkg-config sqlite3 python3; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
 updated=""
 if [ ${#missing[@]} -gt 0 ]; then
   echo "prereqs.sh: installing ${missing[*]}" >&2

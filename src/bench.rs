@@ -25,6 +25,7 @@ use crate::cli::{BenchArgs, KafkaArgs, LoadgenArgs};
 use crate::envelope::Envelope;
 use crate::kafka::consumer::{PartitionReader, Polled, StartOffset};
 use crate::record::{decode, now_ms, Limits};
+use crate::report::RunSummary;
 
 #[derive(Debug, Serialize)]
 pub struct JobRun {
@@ -124,7 +125,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         let mut extra = vec!["--exit-when-idle", "1s"];
         extra.extend(&flags);
         let finished = run_job(&kafka, &db, &shape, &extra, None)?;
-        let rows: u64 = finished.iter().map(|f| f.rows).sum();
+        let rows: u64 = finished.iter().map(|f| f.rows_written).sum();
         if rows != args.records {
             bail!("job {shape} wrote {rows} rows, expected {}", args.records);
         }
@@ -137,8 +138,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             seconds,
             rows_per_second: rate,
             ratio_to_ceiling: rate / ceiling,
-            cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds).sum::<f64>() / (rows as f64 / 1e6),
-            peak_rss_mib_per_process: finished.iter().map(|f| f.peak_rss_mib).collect(),
+            cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds.unwrap_or(0.0)).sum::<f64>()
+                / (rows as f64 / 1e6),
+            peak_rss_mib_per_process: finished.iter().map(|f| f.peak_rss_mib.unwrap_or(0.0)).collect(),
         });
     }
 
@@ -163,7 +165,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         seconds,
         dead_letters_per_second: bad_rate,
         ratio_to_good_1x2: good_1x2.map(|g| bad_rate / g),
-        cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds).sum::<f64>() / (letters as f64 / 1e6),
+        cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds.unwrap_or(0.0)).sum::<f64>()
+            / (letters as f64 / 1e6),
     };
 
     let big_count = (args.records / 300).clamp(200, 3_000);
@@ -291,10 +294,10 @@ fn big_messages_run(
     runtime.block_on(crate::kafka::admin::create_topic(&empty.clone().into(), 4, 1))?;
     let db = fresh_database(runtime, server_url, &format!("bench_empty_{stamp}"))?;
     let idle = run_job(&empty, &db, "1x2", &["--exit-when-idle", "1s"], None)?;
-    let baseline = idle.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max);
+    let baseline = idle.iter().map(|f| f.peak_rss_mib.unwrap_or(0.0)).fold(0.0, f64::max);
     let db = fresh_database(runtime, server_url, &format!("bench_big_{stamp}"))?;
     let finished = run_job(&topic, &db, "1x2", &["--exit-when-idle", "1s"], None)?;
-    let handled: u64 = finished.iter().map(|f| f.rows + f.dead_letters).sum();
+    let handled: u64 = finished.iter().map(|f| f.rows_written + f.dead_letters).sum();
     if handled != messages {
         bail!("job 1x2 handled {handled} of {messages} large messages");
     }
@@ -310,7 +313,7 @@ fn big_messages_run(
         message_bytes: limit,
         seconds,
         megabytes_per_second: bytes as f64 / 1e6 / seconds.max(1e-9),
-        peak_rss_mib: finished.iter().map(|f| f.peak_rss_mib).fold(0.0, f64::max),
+        peak_rss_mib: finished.iter().map(|f| f.peak_rss_mib.unwrap_or(0.0)).fold(0.0, f64::max),
         bound_mib: baseline + defaults + 2.0 * per_worker_mib,
     })
 }
@@ -391,34 +394,16 @@ fn fresh_database(runtime: &tokio::runtime::Runtime, server_url: &str, name: &st
     Ok(url)
 }
 
-/// What one job process reported in its "job finished" line.
-#[derive(Debug, Default)]
-struct Finished {
-    rows: u64,
-    dead_letters: u64,
-    active_seconds: f64,
-    cpu_seconds: f64,
-    peak_rss_mib: f64,
-    latency_p50_ms: u64,
-    latency_p99_ms: u64,
-}
-
-fn field<T: std::str::FromStr>(line: &str, name: &str) -> Option<T> {
-    let start = line.find(&format!("{name}="))? + name.len() + 1;
-    let value: String =
-        line[start..].trim_start_matches('"').chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
-    value.parse().ok()
-}
-
-/// Runs the job as `shape` ("PxW") and returns each process's final figures. With
-/// `steady`, the loadgen runs alongside and the job is stopped with SIGTERM after it.
+/// Runs the job as `shape` ("PxW") and returns each process's final summary
+/// (`--summary-json`). With `steady`, the loadgen runs alongside and the job is stopped with
+/// SIGTERM after it.
 fn run_job(
     kafka: &KafkaArgs,
     db: &str,
     shape: &str,
     extra: &[&str],
     steady: Option<&LoadgenArgs>,
-) -> anyhow::Result<Vec<Finished>> {
+) -> anyhow::Result<Vec<RunSummary>> {
     let (processes, workers) = shape.split_once('x').context("a shape is PROCESSESxWORKERS, e.g. 2x2")?;
     let (processes, workers): (usize, usize) = (processes.parse()?, workers.parse()?);
     let exe = std::env::current_exe()?;
@@ -431,6 +416,9 @@ fn run_job(
     for p in 0..processes {
         let log: PathBuf = dir.join(format!("{shape}-{p}.log"));
         let file = std::fs::File::create(&log)?;
+        let summary = dir.join(format!("{shape}-{p}.summary.json"));
+        // The job replaces it at start; gone meanwhile, it cannot pass for this run's.
+        let _ = std::fs::remove_file(&summary);
         let mut cmd = Command::new(&exe);
         cmd.args(["run", "--brokers", &kafka.brokers, "--topic", &kafka.topic, "--database-url", db])
             .args([
@@ -442,6 +430,8 @@ fn run_job(
                 &p.to_string(),
             ])
             .args(["--group", &format!("bench-{}", kafka.topic)])
+            .arg("--summary-json")
+            .arg(&summary)
             .args(extra)
             .env("FLEETFLOW_LOG", "info")
             .env("NO_COLOR", "1")
@@ -451,31 +441,26 @@ fn run_job(
         if processes > 1 {
             cmd.args(["--hosts", &hosts.join(",")]);
         }
-        children.push((cmd.spawn()?, log));
+        children.push((cmd.spawn()?, log, summary));
     }
     if let Some(loadgen) = steady {
         crate::loadgen::produce(loadgen, &AtomicBool::new(false))?;
         std::thread::sleep(Duration::from_secs(2));
-        for (child, _) in &children {
+        for (child, _, _) in &children {
             let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         }
     }
     let mut finished = Vec::new();
-    for (mut child, log) in children {
+    for (mut child, log, summary) in children {
         let status = child.wait()?;
-        let text = std::fs::read_to_string(&log).unwrap_or_default().replace('\u{1b}', "");
-        let Some(line) = text.lines().find(|l| l.contains("job finished")) else {
-            bail!("job {shape} process exited ({status}) without finishing; see {}", log.display());
-        };
-        finished.push(Finished {
-            rows: field(line, "rows_written").unwrap_or(0),
-            dead_letters: field(line, "dead_letters").unwrap_or(0),
-            active_seconds: field(line, "active_seconds").unwrap_or(0.0),
-            cpu_seconds: field(line, "cpu_seconds").unwrap_or(0.0),
-            peak_rss_mib: field(line, "peak_rss_mib").unwrap_or(0.0),
-            latency_p50_ms: field(line, "latency_p50_ms").unwrap_or(0),
-            latency_p99_ms: field(line, "latency_p99_ms").unwrap_or(0),
-        });
+        match RunSummary::read(&summary) {
+            Ok(s) if status.success() && s.finished && s.exit_code == Some(0) => finished.push(s),
+            read => bail!(
+                "job {shape} process exited ({status}) without finishing{}; see {}",
+                read.err().map(|e| format!(" ({e})")).unwrap_or_default(),
+                log.display()
+            ),
+        }
     }
     Ok(finished)
 }

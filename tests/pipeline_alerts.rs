@@ -62,7 +62,7 @@ fn stalled_partition_metrics() -> String {
         .stderr(file)
         .spawn()
         .unwrap();
-    let mut job = Job { children: vec![child], logs: vec![log] };
+    let mut job = Job { children: vec![child], logs: vec![log], summaries: vec![] };
     common::wait_for_port(&listen, Duration::from_secs(30));
     let url = format!("http://{listen}/metrics");
     let deadline = Instant::now() + Duration::from_secs(60);

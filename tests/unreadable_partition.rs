@@ -34,14 +34,17 @@ fn a_partition_that_cannot_be_read_is_reported_then_stops_the_job_with_its_cause
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fleetflow"));
     let log = dir.join("job.log");
+    let summary = dir.join("job.summary.json");
     let file = std::fs::File::create(&log).unwrap();
     cmd.args(["run", "--brokers", &kafka.brokers, "--topic", "metrics", "--database-url", &db.url])
         .args(["--stall-timeout", "8s", "--report-interval", "500ms", "--exit-when-idle", "2s"])
         .args(["--metrics-listen", &metrics])
+        .arg("--summary-json")
+        .arg(&summary)
         .env("FLEETFLOW_LOG", "info")
         .stdout(file.try_clone().unwrap())
         .stderr(file);
-    let mut job = Job { children: vec![cmd.spawn().unwrap()], logs: vec![log] };
+    let mut job = Job { children: vec![cmd.spawn().unwrap()], logs: vec![log], summaries: vec![summary] };
 
     // Stalled: /healthz says 503 and why, and the counter has the partition.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -68,6 +71,9 @@ fn a_partition_that_cannot_be_read_is_reported_then_stops_the_job_with_its_cause
     assert!(line.contains("messages wait to be read"), "{line}");
     assert!(line.contains("TopicAuthorizationFailed") || line.contains("authorization"), "{line}");
     assert!(line.contains("--stall-timeout 8s"), "{line}");
+    // The summary's last write, on the way out, has the same exit code.
+    let summary = job.summary(0);
+    assert!(summary.finished && summary.exit_code == statuses[0].code(), "{summary:?} {statuses:?}");
     assert_eq!(
         db.scalar("SELECT count(*) FROM fleetflow_partition_events WHERE kind = 'stalled'"),
         2,

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use fleetflow::cli::{KafkaArgs, LoadgenArgs};
+use fleetflow::report::RunSummary;
 
 /// The repository root (where `scripts/` lives).
 pub fn repo() -> PathBuf {
@@ -285,19 +286,25 @@ impl Stack {
 pub struct Job {
     pub children: Vec<Child>,
     pub logs: Vec<PathBuf>,
+    /// Each process's `--summary-json` file.
+    pub summaries: Vec<PathBuf>,
 }
 
 impl Job {
     pub fn start(stack: &Stack, label: &str, processes: usize, workers: usize, extra: &[&str]) -> Job {
         let hosts: Vec<String> = (0..processes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-        let mut job = Job { children: vec![], logs: vec![] };
+        let mut job = Job { children: vec![], logs: vec![], summaries: vec![] };
         for p in 0..processes {
             let log_path = stack.dir.join(format!("{label}-p{p}.log"));
             let log = std::fs::File::create(&log_path).unwrap();
+            let summary = stack.dir.join(format!("{label}-p{p}.summary.json"));
+            let _ = std::fs::remove_file(&summary);
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetflow"));
             cmd.args(stack.run_args())
                 .args(["--workers", &workers.to_string(), "--processes", &processes.to_string()])
                 .args(["--process-id", &p.to_string()])
+                .arg("--summary-json")
+                .arg(&summary)
                 .args(extra)
                 .env("FLEETFLOW_LOG", "info")
                 .env("FLEETFLOW_REPORT_INTERVAL", "1s")
@@ -309,8 +316,16 @@ impl Job {
             }
             job.children.push(cmd.spawn().unwrap());
             job.logs.push(log_path);
+            job.summaries.push(summary);
         }
         job
+    }
+
+    /// Process `index`'s run summary as it last wrote it: rewritten every report interval
+    /// (1 s here) while it runs, with `finished` and its exit code once it has ended. Panics
+    /// (showing the logs) when there is none yet.
+    pub fn summary(&self, index: usize) -> RunSummary {
+        RunSummary::read(&self.summaries[index]).unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()))
     }
 
     /// Waits for every process to exit; panics (showing the logs) after `timeout`.
@@ -332,10 +347,14 @@ impl Job {
         statuses.into_iter().map(Option::unwrap).collect()
     }
 
-    /// Waits and asserts every process exited 0.
+    /// Waits and asserts every process exited 0, leaving a final summary that says so.
     pub fn wait_success(&mut self, timeout: Duration) {
         let statuses = self.wait(timeout);
         assert!(statuses.iter().all(ExitStatus::success), "job failed: {statuses:?}\n{}", self.log_tail());
+        for index in 0..self.children.len() {
+            let summary = self.summary(index);
+            assert!(summary.finished && summary.exit_code == Some(0), "process {index}: {summary:?}");
+        }
     }
 
     pub fn signal(&self, signal: &str) {
