@@ -53,13 +53,15 @@ impl From<Exit> for ExitCode {
 }
 
 /// What `main` returns for a command's result: `Ok` is [`Exit::Ok`], an error is one line on
-/// stderr (the error and its causes, see [`crate::one_line`]) and [`Exit::Error`].
+/// stderr (the error and its causes, see [`crate::one_line`]) and [`Exit::Error`], or
+/// [`Exit::Usage`] when the configuration was wrong.
 pub fn from_result(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => {
             last_words(Exit::Ok);
             Exit::Ok.into()
         }
+        Err(e) if e.is::<crate::config::ConfigError>() => fail(Exit::Usage, &crate::one_line(&e)),
         Err(e) => fail(Exit::Error, &crate::one_line(&e)),
     }
 }

@@ -51,7 +51,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<String> {
         .query_opt(
             "SELECT j.generation, j.holder, to_char(j.started_at, 'YYYY-MM-DD HH24:MI:SS TZ'),
                     EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
-                            AND l.classid = $2 AND l.objid = hashtext($1)::oid AND l.objsubid = 2)
+                            AND l.classid = $2 AND l.objid = hashtext($1)::oid AND l.objsubid = 2
+                            -- advisory locks are per database: a job on the same topic
+                            -- name in another database of the server is not this one
+                            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
              FROM fleetflow_jobs j WHERE j.topic = $1",
             &[topic, &(crate::sink::fence::LOCK_CLASS as u32)],
         )

@@ -7,9 +7,13 @@ use std::process::Command;
 
 use common::{free_port, script, test_dir, Broker};
 
-/// Runs fleetflow and returns (exit code, stderr), asserting stderr is exactly one
-/// `fleetflow: ...` line.
+/// Runs fleetflow and returns its stderr, asserting it is exactly one `fleetflow: ...` line.
 fn fails_with_one_line(args: &[&str]) -> String {
+    fails_with_one_line_and_code(args).0
+}
+
+/// Like [`fails_with_one_line`], with the exit code.
+fn fails_with_one_line_and_code(args: &[&str]) -> (String, i32) {
     let out = Command::new(env!("CARGO_BIN_EXE_fleetflow")).args(args).env("FLEETFLOW_LOG", "info").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{args:?} succeeded; stderr: {stderr}");
@@ -17,7 +21,7 @@ fn fails_with_one_line(args: &[&str]) -> String {
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{stderr}");
     assert!(lines[0].starts_with("fleetflow: "), "{stderr}");
     assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
-    lines[0].to_owned()
+    (lines[0].to_owned(), out.status.code().unwrap_or(-1))
 }
 
 #[test]
@@ -28,8 +32,12 @@ fn bad_flags_are_one_line() {
     assert!(line.contains("many"), "{line}");
     let line = fails_with_one_line(&["query", "server"]);
     assert!(line.contains("<SERVER_ID>"), "the missing argument is named: {line}");
-    let line = fails_with_one_line(&["run", "--processes", "2", "--process-id", "2", "--hosts", "a:1,b:2"]);
+    let (line, code) =
+        fails_with_one_line_and_code(&["run", "--processes", "2", "--process-id", "2", "--hosts", "a:1,b:2"]);
     assert!(line.contains("--process-id 2 is outside --processes 2"), "{line}");
+    // A flag the configuration refuses is a usage error, like one clap refuses.
+    assert_eq!(code, 2, "{line}");
+    assert_eq!(fails_with_one_line_and_code(&["run", "--workers", "many"]).1, 2);
     let dir = test_dir("bad_config_hostfile");
     let hostfile = dir.join("hosts");
     std::fs::write(&hostfile, "127.0.0.1:2101\n127.0.0.1:2102\n127.0.0.1:2103\n").unwrap();
