@@ -10,6 +10,7 @@
 //! docs/architecture.md has the picture.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use dataflows::routing::owned_partitions;
 use dataflows::{Durable, EpochWriter, IngestSettings, Observer, OffsetCommitter, SinkShape};
@@ -19,6 +20,7 @@ use crate::config::{JobConfig, StartFrom};
 use crate::context::IngestContext;
 use crate::envelope::Envelope;
 use crate::kafka::consumer::StartOffset;
+use crate::kafka::landmarks::Landmarks;
 use crate::kafka::source::KafkaSource;
 use crate::kafka::topic_watch::{check_topic, TopicCheck};
 use crate::record::now_ms;
@@ -38,7 +40,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     let partitions = owned_partitions(index, peers, ctx.partitions);
     let starts = resolve_starts(config, &partitions, &ctx.runtime, &checked)?;
     tracing::info!(worker = index, ?partitions, ?starts, "worker starting");
-    let reader = KafkaSource::open(ctx, (index, peers), &starts, &checked)?;
+    // The last message read below each committed offset, stored with it (kafka::landmarks).
+    let landmarks = Arc::new(Landmarks::default());
+    let reader = KafkaSource::open(ctx, (index, peers), &starts, &checked, landmarks.clone())?;
 
     // One worker leaves the database idle while it prepares each transaction; several
     // workers keep it busy already (measured: see the README's performance section).
@@ -67,6 +71,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
             topic: config.kafka.topic.clone(),
             generation,
             timeout: config.sink.timeout,
+            landmarks,
         },
         ctx.stats.clone(),
     );

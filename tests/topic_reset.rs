@@ -101,7 +101,8 @@ fn a_recreated_topic_is_refused_until_started_over_then_read_exactly_once() {
     assert!(line.contains("--on-topic-reset start-over"), "{line}");
 
     // Still refused once the new topic has grown past the old offsets (offsets alone would
-    // fit again): the reset found earlier stands until the operator starts over.
+    // fit again): the messages under the last commits are not there any more (landmarks),
+    // and the reset found earlier stands until the operator starts over.
     produce_at(&stack, 8_000, 3, 4);
     let new_ends = stack.end_offsets(PARTITIONS);
     assert!(
@@ -109,7 +110,8 @@ fn a_recreated_topic_is_refused_until_started_over_then_read_exactly_once() {
         "{old_committed:?} {new_ends:?}"
     );
     let line = run_to_failure(&stack, "grown", &["--exit-when-idle", "2s"]);
-    assert!(line.contains("found earlier"), "{line}");
+    assert!(line.contains("do not fit it"), "{line}");
+    assert!(line.contains("found earlier") || line.contains("the one there now at"), "{line}");
     assert_eq!(stack.db.metric_rows(), 8_000, "nothing of the new topic was written");
 
     // The operator's decision: every message of the new topic lands, exactly once.
@@ -133,6 +135,37 @@ fn a_recreated_topic_is_refused_until_started_over_then_read_exactly_once() {
     let mut again = Job::start(&stack, "again", 1, 2, &["--exit-when-idle", "2s"]);
     again.wait_success(Duration::from_secs(60));
     assert_eq!(db.metric_rows(), 17_000);
+}
+
+#[test]
+fn a_topic_recreated_while_the_job_was_stopped_is_refused_even_once_it_grew_past_the_old_offsets() {
+    let stack = Stack::start("topic_recreated_stopped", PARTITIONS);
+    produce_at(&stack, 4_000, 1, 6);
+    let mut job = Job::start(&stack, "first", 1, 2, &["--exit-when-idle", "2s"]);
+    job.wait_success(Duration::from_secs(120));
+    let old = stack.end_offsets(PARTITIONS);
+    assert_eq!(stack.db.pairs("SELECT partition, next_offset FROM fleetflow_offsets ORDER BY partition"), old);
+
+    // While the job is stopped: deleted, recreated, and grown past the old offsets, so the
+    // committed offsets fit the new topic; only the messages under them tell it apart.
+    recreate_topic(&stack);
+    produce_at(&stack, 8_000, 2, 5);
+    let new = stack.end_offsets(PARTITIONS);
+    assert!(old.iter().zip(&new).all(|((_, o), (_, n))| n > o), "{old:?} {new:?}");
+    let line = run_to_failure(&stack, "restart", &["--exit-when-idle", "2s"]);
+    assert!(line.contains("do not fit it"), "{line}");
+    assert!(line.contains("was produced at") && line.contains("the one there now at"), "{line}");
+    assert!(line.contains("--on-topic-reset start-over"), "{line}");
+    assert_eq!(stack.db.metric_rows(), 4_000, "nothing of the new topic was written, nothing skipped silently");
+
+    // Started over: every message of the new topic lands once; then an ordinary restart.
+    let mut over = Job::start(&stack, "over", 1, 2, &["--on-topic-reset", "start-over", "--exit-when-idle", "2s"]);
+    over.wait_success(Duration::from_secs(120));
+    assert_eq!(stack.db.metric_rows(), 12_000);
+    produce_at(&stack, 1_000, 3, 4);
+    let mut again = Job::start(&stack, "again", 1, 2, &["--exit-when-idle", "2s"]);
+    again.wait_success(Duration::from_secs(120));
+    assert_eq!(stack.db.metric_rows(), 13_000, "the same topic is recognised and read on");
 }
 
 #[test]

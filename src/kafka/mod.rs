@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod landmarks;
 pub mod producer;
 pub mod source;
 pub mod topic_watch;

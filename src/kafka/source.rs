@@ -2,11 +2,13 @@
 //! topic watches, and decoding. Each message becomes an [`Envelope`]: a valid record, or a
 //! dead letter with its reason (a bad message never stops the job).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use rdkafka::Message;
 
 use super::consumer::{PartitionReader as Consumer, Polled, StartOffset};
+use super::landmarks::Landmarks;
 use super::topic_watch::{PartitionWatch, TopicCheck};
 use super::watch::OffsetWatch;
 use crate::context::IngestContext;
@@ -23,6 +25,9 @@ pub struct KafkaSource<'a> {
     /// was an explicit offset), checked against every message.
     offsets: OffsetWatch,
     watch: PartitionWatch,
+    landmarks: Arc<Landmarks>,
+    /// The last message of each partition in the current read call: (partition, offset, time).
+    last_read: Vec<(i32, i64, i64)>,
 }
 
 impl<'a> KafkaSource<'a> {
@@ -32,6 +37,7 @@ impl<'a> KafkaSource<'a> {
         (worker, workers): (usize, usize),
         starts: &[(i32, StartOffset)],
         checked: &TopicCheck,
+        landmarks: Arc<Landmarks>,
     ) -> anyhow::Result<Self> {
         let consumer = Consumer::open(&ctx.config.kafka, &ctx.config.group, starts)?;
         let mut offsets = OffsetWatch::default();
@@ -40,7 +46,7 @@ impl<'a> KafkaSource<'a> {
         }
         let partitions: Vec<i32> = starts.iter().map(|(p, _)| *p).collect();
         let watch = PartitionWatch::new(ctx, worker, workers, &partitions, checked);
-        Ok(KafkaSource { ctx, consumer, offsets, watch })
+        Ok(KafkaSource { ctx, consumer, offsets, watch, landmarks, last_read: Vec::new() })
     }
 }
 
@@ -75,11 +81,21 @@ impl dataflows::PartitionReader for KafkaSource<'_> {
                 dead += 1;
                 ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();
             }
+            if let Some(t) = time_ms {
+                match self.last_read.iter_mut().find(|(p, _, _)| *p == message.partition()) {
+                    Some(last) => *last = (message.partition(), message.offset(), t),
+                    None => self.last_read.push((message.partition(), message.offset(), t)),
+                }
+            }
             let envelope = Envelope::new(message.partition(), message.offset(), message.key(), raw, time_ms, decoded);
             read += 1;
             if !emit(envelope, time_ms) {
                 break;
             }
+        }
+        // Epochs close between read calls: the last message of each is a commit's landmark.
+        for (partition, offset, time_ms) in self.last_read.drain(..) {
+            self.landmarks.note(partition, offset, time_ms);
         }
         Stats::add(&ctx.stats.dead_letters, dead);
         if let Some(e) = error {

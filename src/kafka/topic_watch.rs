@@ -31,9 +31,13 @@ use timely::worker::Worker;
 use crate::config::{OnTopicReset, StartFrom};
 use crate::context::IngestContext;
 use crate::kafka::consumer::{PartitionReader, StartOffset};
+use crate::kafka::landmarks::{self, Found, Landmark};
 use crate::kafka::watch::{check_start, Backlog, Gap, OffsetWatch, StallChange, StallDetector, StartCheck, TopicReset};
 use crate::sink::events::{self, Event, EventKind, EventLog};
 use crate::stats::PartitionLabels;
+
+/// How long the start-up check waits for the messages the last commits stood on.
+const LANDMARK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the last event before a stop may take to reach the database.
 const LAST_EVENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,11 +92,12 @@ type Outcome = (String, bool, Vec<(i32, i64, i64)>);
 fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCheck> {
     let (config, topic) = (&ctx.config, &ctx.config.kafka.topic);
     let url = &config.database.url;
-    let (committed, pending) = ctx.runtime.block_on(async {
+    let (committed, pending, landmarks) = ctx.runtime.block_on(async {
         let client = crate::sink::connect(url).await?;
         let committed = crate::sink::offsets::load_offsets(&client, topic).await?;
         let pending = events::pending_reset(&client, topic).await?;
-        Ok::<_, crate::sink::SinkError>((committed, pending))
+        let landmarks = crate::sink::offsets::load_landmarks(&client, topic).await?;
+        Ok::<_, crate::sink::SinkError>((committed, pending, landmarks))
     })?;
     let mut committed: Vec<(i32, i64)> = committed.into_iter().collect();
     committed.sort_unstable();
@@ -124,6 +129,9 @@ fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCh
             }
             StartCheck::Gap { from, to } => gaps.push(Gap { partition, from, to }),
         }
+    }
+    if problems.is_empty() {
+        problems.extend(recreated_under_landmarks(ctx, &landmarks, &marks)?);
     }
     if let Some(found) = pending.as_ref().filter(|_| problems.is_empty()) {
         problems.push(format!("found earlier: {found}"));
@@ -169,6 +177,46 @@ fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCh
             Ok(TopicCheck { first_run: false, gaps: Vec::new() })
         }
     }
+}
+
+/// Offsets that fit the topic may still belong to an older one (deleted, recreated and grown
+/// past them while the job was stopped): the message each commit stood on must still be
+/// there (`kafka::landmarks`). One problem line per partition where another message is.
+fn recreated_under_landmarks(
+    ctx: &IngestContext,
+    landmarks: &[(i32, i64, Landmark)],
+    marks: &std::collections::BTreeMap<i32, (i64, i64)>,
+) -> anyhow::Result<Vec<String>> {
+    // Only landmarks the topic still holds: retention may have deleted older ones (a gap).
+    let to_check: Vec<(i32, Landmark)> = landmarks
+        .iter()
+        .filter(|(p, _, m)| marks.get(p).is_some_and(|(low, high)| (*low..*high).contains(&m.offset)))
+        .map(|(p, _, m)| (*p, *m))
+        .collect();
+    let found = landmarks::check(&ctx.config.kafka, &to_check, LANDMARK_TIMEOUT)?;
+    let mut problems = Vec::new();
+    for ((partition, mark), found) in to_check.iter().zip(found) {
+        match found {
+            Found::Same => {}
+            Found::Other { time_ms } => problems.push(format!(
+                "partition {partition}: the message at offset {} was produced at {} when the job read it, the one \
+                 there now at {}",
+                mark.offset,
+                format_ms(Some(mark.time_ms)),
+                format_ms(time_ms)
+            )),
+            Found::Unknown => tracing::warn!(
+                topic = %ctx.config.kafka.topic, partition, offset = mark.offset,
+                "cannot fetch the message the last commit stood on; the topic is not checked for a re-creation there"
+            ),
+        }
+    }
+    Ok(problems)
+}
+
+fn format_ms(ms: Option<i64>) -> String {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or("an unknown time".to_owned(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
 fn gap_event(gap: &Gap) -> Event {

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, GenericClient};
 
 use super::{backoff, connect_as, SinkError};
+use crate::kafka::landmarks::{Landmark, Landmarks};
 use crate::stats::Stats;
 
 /// The next offset to read per partition, as committed by earlier runs.
@@ -20,15 +21,44 @@ pub async fn load_offsets(client: &Client, topic: &str) -> Result<HashMap<i32, i
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Stores offsets in a transaction that first checks this job still holds the topic.
+/// The landmark of each partition's committed offset (see `kafka::landmarks`), where known.
+pub async fn load_landmarks(client: &Client, topic: &str) -> Result<Vec<(i32, i64, Landmark)>, SinkError> {
+    let rows = client
+        .query(
+            "SELECT partition, next_offset, landmark_offset, landmark_time_ms FROM fleetflow_offsets
+             WHERE topic = $1 AND landmark_offset IS NOT NULL AND landmark_time_ms IS NOT NULL ORDER BY partition",
+            &[&topic],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1), Landmark { offset: r.get(2), time_ms: r.get(3) })).collect())
+}
+
+/// Stores offsets, each with its landmark, in a transaction that first checks this job
+/// still holds the topic.
 async fn store_offsets_fenced(
     client: &mut Client,
     settings: &CommitterSettings,
-    offsets: &[(i32, i64)],
+    commit: &[(i32, i64, Option<Landmark>)],
 ) -> Result<(), SinkError> {
     let tx = client.transaction().await?;
     super::fence::check(&tx, &settings.topic, settings.generation).await?;
-    store_offsets(&tx, &settings.topic, offsets).await?;
+    let offsets: Vec<(i32, i64)> = commit.iter().map(|(p, o, _)| (*p, *o)).collect();
+    store_offsets(&tx, &settings.topic, &offsets).await?;
+    let marked: Vec<(i32, i64, Landmark)> = commit.iter().filter_map(|(p, o, m)| m.map(|m| (*p, *o, m))).collect();
+    if !marked.is_empty() {
+        let partitions: Vec<i32> = marked.iter().map(|m| m.0).collect();
+        let nexts: Vec<i64> = marked.iter().map(|m| m.1).collect();
+        let offsets: Vec<i64> = marked.iter().map(|m| m.2.offset).collect();
+        let times: Vec<i64> = marked.iter().map(|m| m.2.time_ms).collect();
+        // Only where this commit set the offset (offsets never move backwards).
+        tx.execute(
+            "UPDATE fleetflow_offsets o SET landmark_offset = t.lo, landmark_time_ms = t.lt
+             FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(p, n, lo, lt)
+             WHERE o.topic = $1 AND o.partition = t.p AND o.next_offset = t.n",
+            &[&settings.topic, &partitions, &nexts, &offsets, &times],
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -75,19 +105,23 @@ pub struct CommitterSettings {
     pub generation: i64,
     /// A commit that takes longer has hung: retried on a new connection.
     pub timeout: Duration,
+    /// Where each commit finds its landmarks.
+    pub landmarks: Arc<Landmarks>,
 }
 
 /// A background task that stores offsets in order, retrying through database outages.
 /// `done` counts the commits that reached the database.
 pub struct Committer {
-    tx: mpsc::UnboundedSender<Vec<(i32, i64)>>,
+    tx: mpsc::UnboundedSender<Vec<(i32, i64, Option<Landmark>)>>,
+    landmarks: Arc<Landmarks>,
     sent: u64,
     done: Arc<AtomicU64>,
 }
 
 impl Committer {
     pub fn spawn(runtime: &tokio::runtime::Handle, settings: CommitterSettings, stats: Arc<Stats>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(i32, i64)>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<(i32, i64, Option<Landmark>)>>();
+        let landmarks = settings.landmarks.clone();
         let done = Arc::new(AtomicU64::new(0));
         let counter = done.clone();
         runtime.spawn(async move {
@@ -124,13 +158,15 @@ impl Committer {
                 counter.fetch_add(1, Ordering::Release);
             }
         });
-        Committer { tx, sent: 0, done }
+        Committer { tx, landmarks, sent: 0, done }
     }
     /// Queues a commit; returns its sequence number.
     pub fn commit(&mut self, offsets: Vec<(i32, i64)>) -> u64 {
         self.sent += 1;
+        let marks = self.landmarks.for_commit(&offsets);
+        let commit = offsets.into_iter().zip(marks).map(|((p, o), m)| (p, o, m)).collect();
         // The task outlives every sender; a send can only fail during process teardown.
-        let _ = self.tx.send(offsets);
+        let _ = self.tx.send(commit);
         self.sent
     }
 

@@ -86,6 +86,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     "#,
     ),
     (4, "partition events: skipped offsets, stalls, added partitions, topic start-overs", super::events::MIGRATION),
+    (
+        5,
+        "offset landmarks: the last message read below each committed offset (kafka::landmarks)",
+        "ALTER TABLE fleetflow_offsets ADD COLUMN landmark_offset bigint, ADD COLUMN landmark_time_ms bigint;",
+    ),
 ];
 
 /// The newest schema version this build knows.
