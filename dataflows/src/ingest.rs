@@ -105,6 +105,14 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
         W: EpochWriter<R::Record>,
         F: FnMut(usize, Durable) -> W,
     {
+        // Zero sizes would close an empty epoch every turn or never let a source read.
+        let settings = IngestSettings {
+            epoch_records: settings.epoch_records.max(1),
+            epoch_bytes: settings.epoch_bytes.max(1),
+            max_epochs_in_flight: settings.max_epochs_in_flight.max(1),
+            max_bytes_in_flight: settings.max_bytes_in_flight.max(1),
+            ..settings
+        };
         let mut input = InputHandle::new();
         let probe = ProbeHandle::new();
         worker.dataflow::<u64, _, _>(|scope| {

@@ -1,8 +1,12 @@
-//! Landmarks: with each committed offset, the offset and Kafka timestamp of the last message
-//! the job read below it. Offsets alone cannot tell a topic from one deleted and recreated
-//! while the job was stopped once the new topic has grown past the old offsets: the job
-//! would resume there and silently skip everything before. At start, the message at each
-//! landmark is fetched again; another timestamp there means another topic.
+//! Landmarks: with each committed offset, the offset, Kafka timestamp and a hash of key and
+//! value of the last message the job read below it. Offsets alone cannot tell a topic from
+//! one deleted and recreated while the job was stopped once the new topic has grown past the
+//! old offsets: the job would resume there and silently skip everything before. At start,
+//! the message at each landmark is fetched again; another message there, or none (a
+//! transaction marker of the new topic, say), means another topic. The offset held a
+//! committed data message when the job read it, and retention only deletes below the low
+//! watermark (checked first), so in the same topic it still does; only log compaction could
+//! remove it, and a metrics topic is not compacted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -14,11 +18,25 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use super::{client_config, KafkaError};
 use crate::config::KafkaConfig;
 
-/// The message a commit stands on: its offset and its Kafka timestamp (ms).
+/// The message a commit stands on: its offset, its Kafka timestamp (ms) and the hash of its
+/// key and value ([`message_hash`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Landmark {
     pub offset: i64,
     pub time_ms: i64,
+    pub hash: i64,
+}
+
+/// FNV-1a over the key's length, the key and the value: the same message gives the same
+/// hash in every run and build.
+pub fn message_hash(key: Option<&[u8]>, value: Option<&[u8]>) -> i64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    let key = key.unwrap_or_default();
+    h.write(&(key.len() as u64).to_le_bytes());
+    h.write(key);
+    h.write(value.unwrap_or_default());
+    h.finish() as i64
 }
 
 /// Messages the source read, per partition, by the next offset after them; the committer
@@ -31,9 +49,9 @@ pub struct Landmarks {
 impl Landmarks {
     /// The source read `offset` of `partition`, produced at `time_ms` (noted once per read
     /// call and partition: epochs close between read calls).
-    pub fn note(&self, partition: i32, offset: i64, time_ms: i64) {
+    pub fn note(&self, partition: i32, mark: Landmark) {
         if let Ok(mut seen) = self.seen.lock() {
-            seen.entry(partition).or_default().insert(offset + 1, Landmark { offset, time_ms });
+            seen.entry(partition).or_default().insert(mark.offset + 1, mark);
         }
     }
 
@@ -56,15 +74,16 @@ impl Landmarks {
 /// What the topic holds at a landmark now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Found {
-    /// The same message (same offset, same timestamp).
+    /// The same message (same offset, timestamp, key and value).
     Same,
-    /// Another message: the topic was recreated.
-    Other { time_ms: Option<i64> },
-    /// No answer (no message at that offset any more, or the broker did not deliver in time).
+    /// Another message at the offset (with its timestamp), or none: the first one at or
+    /// after it is at `offset`. The topic was recreated.
+    Other { offset: i64, time_ms: Option<i64> },
+    /// No answer: the broker did not deliver in time, or the message has no timestamp.
     Unknown,
 }
 
-/// Fetches the message at each `(partition, landmark)` and compares its timestamp.
+/// Fetches the message at each `(partition, landmark)` and compares it.
 pub fn check(kafka: &KafkaConfig, marks: &[(i32, Landmark)], timeout: Duration) -> Result<Vec<Found>, KafkaError> {
     let mut found = vec![Found::Unknown; marks.len()];
     if marks.is_empty() {
@@ -97,11 +116,12 @@ pub fn check(kafka: &KafkaConfig, marks: &[(i32, Landmark)], timeout: Duration) 
         }
         let mark = marks[i].1;
         let time_ms = message.timestamp().to_millis();
-        found[i] = match (message.offset() == mark.offset, time_ms == Some(mark.time_ms)) {
-            (true, true) => Found::Same,
-            (true, false) => Found::Other { time_ms },
-            // The offset holds no message any more (a transaction marker, compaction): no verdict.
-            (false, _) => Found::Unknown,
+        let hash = message_hash(message.key(), message.payload());
+        found[i] = match (message.offset() == mark.offset, time_ms) {
+            (true, Some(t)) if t == mark.time_ms && hash == mark.hash => Found::Same,
+            // A client that cannot read timestamps (an old protocol forced with -X): no verdict.
+            (true, None) => Found::Unknown,
+            (_, time_ms) => Found::Other { offset: message.offset(), time_ms },
         };
     }
     Ok(found)
@@ -113,21 +133,28 @@ mod tests {
 
     #[test]
     fn a_commit_stands_on_the_last_message_read_below_it() {
+        let at = |offset, time_ms| Landmark { offset, time_ms, hash: offset * 7 };
         let marks = Landmarks::default();
-        marks.note(0, 9, 1_000);
-        marks.note(0, 19, 2_000);
-        marks.note(1, 4, 3_000);
-        assert_eq!(
-            marks.for_commit(&[(0, 20), (1, 5), (2, 7)]),
-            vec![Some(Landmark { offset: 19, time_ms: 2_000 }), Some(Landmark { offset: 4, time_ms: 3_000 }), None]
-        );
+        marks.note(0, at(9, 1_000));
+        marks.note(0, at(19, 2_000));
+        marks.note(1, at(4, 3_000));
+        assert_eq!(marks.for_commit(&[(0, 20), (1, 5), (2, 7)]), vec![Some(at(19, 2_000)), Some(at(4, 3_000)), None]);
         // An epoch closed after the first read only: the commit stands on offset 9.
         let marks = Landmarks::default();
-        marks.note(0, 9, 1_000);
-        marks.note(0, 19, 2_000);
-        assert_eq!(marks.for_commit(&[(0, 10)]), vec![Some(Landmark { offset: 9, time_ms: 1_000 })]);
+        marks.note(0, at(9, 1_000));
+        marks.note(0, at(19, 2_000));
+        assert_eq!(marks.for_commit(&[(0, 10)]), vec![Some(at(9, 1_000))]);
         // Moving past transaction markers without a message keeps the last landmark.
-        assert_eq!(marks.for_commit(&[(0, 25)]), vec![Some(Landmark { offset: 19, time_ms: 2_000 })]);
-        assert_eq!(marks.for_commit(&[(0, 26)]), vec![Some(Landmark { offset: 19, time_ms: 2_000 })]);
+        assert_eq!(marks.for_commit(&[(0, 25)]), vec![Some(at(19, 2_000))]);
+        assert_eq!(marks.for_commit(&[(0, 26)]), vec![Some(at(19, 2_000))]);
+    }
+
+    #[test]
+    fn the_hash_tells_key_from_value_and_is_stable() {
+        assert_ne!(message_hash(Some(b"ab"), Some(b"c")), message_hash(Some(b"a"), Some(b"bc")));
+        assert_ne!(message_hash(None, Some(b"x")), message_hash(None, Some(b"y")));
+        // Pinned: stored landmarks must keep matching across builds.
+        assert_eq!(message_hash(None, None), message_hash(Some(b""), Some(b"")));
+        assert_eq!(message_hash(Some(b"s1"), Some(b"{}")), 0xee7f_35a7_d9c0_977bu64 as i64);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use rdkafka::Message;
 
 use super::consumer::{PartitionReader as Consumer, Polled, StartOffset};
-use super::landmarks::Landmarks;
+use super::landmarks::{message_hash, Landmark, Landmarks};
 use super::topic_watch::{PartitionWatch, TopicCheck};
 use super::watch::OffsetWatch;
 use crate::context::IngestContext;
@@ -26,8 +26,8 @@ pub struct KafkaSource<'a> {
     offsets: OffsetWatch,
     watch: PartitionWatch,
     landmarks: Arc<Landmarks>,
-    /// The last message of each partition in the current read call: (partition, offset, time).
-    last_read: Vec<(i32, i64, i64)>,
+    /// The last message of each partition in the current read call.
+    last_read: Vec<(i32, Landmark)>,
 }
 
 impl<'a> KafkaSource<'a> {
@@ -81,10 +81,12 @@ impl dataflows::PartitionReader for KafkaSource<'_> {
                 dead += 1;
                 ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();
             }
-            if let Some(t) = time_ms {
-                match self.last_read.iter_mut().find(|(p, _, _)| *p == message.partition()) {
-                    Some(last) => *last = (message.partition(), message.offset(), t),
-                    None => self.last_read.push((message.partition(), message.offset(), t)),
+            if let Some(time_ms) = time_ms {
+                let hash = message_hash(message.key(), message.payload());
+                let mark = Landmark { offset: message.offset(), time_ms, hash };
+                match self.last_read.iter_mut().find(|(p, _)| *p == message.partition()) {
+                    Some(last) => last.1 = mark,
+                    None => self.last_read.push((message.partition(), mark)),
                 }
             }
             let envelope = Envelope::new(message.partition(), message.offset(), message.key(), raw, time_ms, decoded);
@@ -94,8 +96,8 @@ impl dataflows::PartitionReader for KafkaSource<'_> {
             }
         }
         // Epochs close between read calls: the last message of each is a commit's landmark.
-        for (partition, offset, time_ms) in self.last_read.drain(..) {
-            self.landmarks.note(partition, offset, time_ms);
+        for (partition, mark) in self.last_read.drain(..) {
+            self.landmarks.note(partition, mark);
         }
         Stats::add(&ctx.stats.dead_letters, dead);
         if let Some(e) = error {

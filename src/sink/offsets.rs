@@ -25,12 +25,17 @@ pub async fn load_offsets(client: &Client, topic: &str) -> Result<HashMap<i32, i
 pub async fn load_landmarks(client: &Client, topic: &str) -> Result<Vec<(i32, i64, Landmark)>, SinkError> {
     let rows = client
         .query(
-            "SELECT partition, next_offset, landmark_offset, landmark_time_ms FROM fleetflow_offsets
-             WHERE topic = $1 AND landmark_offset IS NOT NULL AND landmark_time_ms IS NOT NULL ORDER BY partition",
+            "SELECT partition, next_offset, landmark_offset, landmark_time_ms, landmark_hash FROM fleetflow_offsets
+             WHERE topic = $1 AND landmark_offset IS NOT NULL AND landmark_time_ms IS NOT NULL
+                   AND landmark_hash IS NOT NULL
+             ORDER BY partition",
             &[&topic],
         )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1), Landmark { offset: r.get(2), time_ms: r.get(3) })).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), Landmark { offset: r.get(2), time_ms: r.get(3), hash: r.get(4) }))
+        .collect())
 }
 
 /// Stores offsets, each with its landmark, in a transaction that first checks this job
@@ -50,12 +55,13 @@ async fn store_offsets_fenced(
         let nexts: Vec<i64> = marked.iter().map(|m| m.1).collect();
         let offsets: Vec<i64> = marked.iter().map(|m| m.2.offset).collect();
         let times: Vec<i64> = marked.iter().map(|m| m.2.time_ms).collect();
+        let hashes: Vec<i64> = marked.iter().map(|m| m.2.hash).collect();
         // Only where this commit set the offset (offsets never move backwards).
         tx.execute(
-            "UPDATE fleetflow_offsets o SET landmark_offset = t.lo, landmark_time_ms = t.lt
-             FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(p, n, lo, lt)
+            "UPDATE fleetflow_offsets o SET landmark_offset = t.lo, landmark_time_ms = t.lt, landmark_hash = t.lh
+             FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) AS t(p, n, lo, lt, lh)
              WHERE o.topic = $1 AND o.partition = t.p AND o.next_offset = t.n",
-            &[&settings.topic, &partitions, &nexts, &offsets, &times],
+            &[&settings.topic, &partitions, &nexts, &offsets, &times, &hashes],
         )
         .await?;
     }

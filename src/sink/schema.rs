@@ -89,7 +89,8 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         5,
         "offset landmarks: the last message read below each committed offset (kafka::landmarks)",
-        "ALTER TABLE fleetflow_offsets ADD COLUMN landmark_offset bigint, ADD COLUMN landmark_time_ms bigint;",
+        "ALTER TABLE fleetflow_offsets ADD COLUMN landmark_offset bigint, ADD COLUMN landmark_time_ms bigint,
+             ADD COLUMN landmark_hash bigint;",
     ),
 ];
 
