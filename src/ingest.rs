@@ -20,11 +20,10 @@ use crate::config::{JobConfig, StartFrom};
 use crate::context::IngestContext;
 use crate::envelope::Envelope;
 use crate::kafka::consumer::StartOffset;
-use crate::kafka::landmarks::Landmarks;
 use crate::kafka::source::KafkaSource;
 use crate::kafka::topic_watch::{check_topic, TopicCheck};
 use crate::record::now_ms;
-use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer, CommitterSettings};
+use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer, CommitterSettings, Landmarks};
 use crate::sink::writer::{spawn_writer, EpochWrite, WriterSettings};
 use crate::stats::Stats;
 

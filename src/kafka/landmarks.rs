@@ -8,8 +8,6 @@
 //! watermark (checked first), so in the same topic it still does; only log compaction could
 //! remove it, and a metrics topic is not compacted.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -17,15 +15,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::{client_config, KafkaError};
 use crate::config::KafkaConfig;
-
-/// The message a commit stands on: its offset, its Kafka timestamp (ms) and the hash of its
-/// key and value ([`message_hash`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Landmark {
-    pub offset: i64,
-    pub time_ms: i64,
-    pub hash: i64,
-}
+use crate::sink::offsets::Landmark;
 
 /// FNV-1a over the key's length, the key and the value: the same message gives the same
 /// hash in every run and build.
@@ -37,38 +27,6 @@ pub fn message_hash(key: Option<&[u8]>, value: Option<&[u8]>) -> i64 {
     h.write(key);
     h.write(value.unwrap_or_default());
     h.finish() as i64
-}
-
-/// Messages the source read, per partition, by the next offset after them; the committer
-/// takes the one below each offset it commits. Shared by a worker's source and committer.
-#[derive(Debug, Default)]
-pub struct Landmarks {
-    seen: Mutex<HashMap<i32, BTreeMap<i64, Landmark>>>,
-}
-
-impl Landmarks {
-    /// The source read `offset` of `partition`, produced at `time_ms` (noted once per read
-    /// call and partition: epochs close between read calls).
-    pub fn note(&self, partition: i32, mark: Landmark) {
-        if let Ok(mut seen) = self.seen.lock() {
-            seen.entry(partition).or_default().insert(mark.offset + 1, mark);
-        }
-    }
-
-    /// The landmark below each committed offset, when one is known; older ones are forgotten.
-    pub fn for_commit(&self, offsets: &[(i32, i64)]) -> Vec<Option<Landmark>> {
-        let Ok(mut seen) = self.seen.lock() else { return vec![None; offsets.len()] };
-        offsets
-            .iter()
-            .map(|(partition, next)| {
-                let marks = seen.get_mut(partition)?;
-                let (&key, &mark) = marks.range(..=*next).next_back()?;
-                // Keep this one (a later commit may move without new messages) and newer ones.
-                *marks = marks.split_off(&key);
-                Some(mark)
-            })
-            .collect()
-    }
 }
 
 /// What the topic holds at a landmark now.
@@ -130,6 +88,7 @@ pub fn check(kafka: &KafkaConfig, marks: &[(i32, Landmark)], timeout: Duration) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::offsets::Landmarks;
 
     #[test]
     fn a_commit_stands_on_the_last_message_read_below_it() {

@@ -8,12 +8,13 @@ use std::time::Instant;
 use rdkafka::Message;
 
 use super::consumer::{PartitionReader as Consumer, Polled, StartOffset};
-use super::landmarks::{message_hash, Landmark, Landmarks};
+use super::landmarks::message_hash;
 use super::topic_watch::{PartitionWatch, TopicCheck};
 use super::watch::OffsetWatch;
 use crate::context::IngestContext;
 use crate::envelope::Envelope;
 use crate::record::{decode, now_ms};
+use crate::sink::offsets::{Landmark, Landmarks};
 use crate::stats::{KindLabels, Stats};
 use dataflows::Stop;
 

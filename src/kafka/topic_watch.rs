@@ -31,9 +31,10 @@ use timely::worker::Worker;
 use crate::config::{OnTopicReset, StartFrom};
 use crate::context::IngestContext;
 use crate::kafka::consumer::{PartitionReader, StartOffset};
-use crate::kafka::landmarks::{self, Found, Landmark};
+use crate::kafka::landmarks::{self, Found};
 use crate::kafka::watch::{check_start, Backlog, Gap, OffsetWatch, StallChange, StallDetector, StartCheck, TopicReset};
 use crate::sink::events::{self, Event, EventKind, EventLog};
+use crate::sink::offsets::Landmark;
 use crate::stats::PartitionLabels;
 
 /// How long the start-up check waits for the messages the last commits stood on.

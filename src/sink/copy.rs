@@ -1,7 +1,7 @@
 //! Binary COPY of metric rows: the statements, the row encoding, and [`copy_rows`], the
 //! benchmark's database ceiling.
 //!
-//! This is the hot path: every row written goes through [`copy_batch`], which encodes
+//! This is the hot path: every row written goes through `copy_batch`, which encodes
 //! straight from the envelopes into the COPY buffer (the extra fields serialize from their
 //! pairs, with no JSON value built in between). Keep it that lean. What happens around it
 //! (transactions, the exactly-once filter, retries) is `sink::writer`'s.
@@ -27,7 +27,7 @@ const COPY_TYPES: [Type; 7] =
     [Type::TIMESTAMPTZ, Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::JSONB, Type::INT4, Type::INT8];
 
 /// Writes metric rows with binary COPY, in batches of 1,000 and transactions of
-/// [`MAX_ROWS_PER_TRANSACTION`], with no bookkeeping: the database ceiling of `bench`.
+/// `MAX_ROWS_PER_TRANSACTION`, with no bookkeeping: the database ceiling of `bench`.
 pub async fn copy_rows(client: &mut Client, rows: &[Envelope]) -> Result<(), SinkError> {
     for transaction in rows.chunks(MAX_ROWS_PER_TRANSACTION) {
         let tx = client.transaction().await?;

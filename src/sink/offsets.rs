@@ -1,10 +1,10 @@
 //! The committed source offsets (`fleetflow_offsets`): where a restarted job resumes reading,
-//! per partition. This is the commit stage's database side; what was already written is the
+//! per partition, each with its landmark (the message under it, see `kafka::landmarks`). This is the commit stage's database side; what was already written is the
 //! watermarks' business (`sink::watermarks`), so offsets may lag the rows without harm.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -12,8 +12,48 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, GenericClient};
 
 use super::{backoff, connect_as, SinkError};
-use crate::kafka::landmarks::{Landmark, Landmarks};
 use crate::stats::Stats;
+
+/// The message a commit stands on: its offset, its Kafka timestamp (ms) and the hash of its
+/// key and value ([`crate::kafka::landmarks::message_hash`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Landmark {
+    pub offset: i64,
+    pub time_ms: i64,
+    pub hash: i64,
+}
+
+/// Messages the source read, per partition, by the next offset after them; the committer
+/// takes the one below each offset it commits. Shared by a worker's source and committer.
+#[derive(Debug, Default)]
+pub struct Landmarks {
+    seen: Mutex<HashMap<i32, BTreeMap<i64, Landmark>>>,
+}
+
+impl Landmarks {
+    /// The source read `offset` of `partition`, produced at `time_ms` (noted once per read
+    /// call and partition: epochs close between read calls).
+    pub fn note(&self, partition: i32, mark: Landmark) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.entry(partition).or_default().insert(mark.offset + 1, mark);
+        }
+    }
+
+    /// The landmark below each committed offset, when one is known; older ones are forgotten.
+    pub fn for_commit(&self, offsets: &[(i32, i64)]) -> Vec<Option<Landmark>> {
+        let Ok(mut seen) = self.seen.lock() else { return vec![None; offsets.len()] };
+        offsets
+            .iter()
+            .map(|(partition, next)| {
+                let marks = seen.get_mut(partition)?;
+                let (&key, &mark) = marks.range(..=*next).next_back()?;
+                // Keep this one (a later commit may move without new messages) and newer ones.
+                *marks = marks.split_off(&key);
+                Some(mark)
+            })
+            .collect()
+    }
+}
 
 /// The next offset to read per partition, as committed by earlier runs.
 pub async fn load_offsets(client: &Client, topic: &str) -> Result<HashMap<i32, i64>, SinkError> {

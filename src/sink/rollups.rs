@@ -83,7 +83,7 @@ pub fn bin(v: f64) -> usize {
 #[derive(Debug, Default)]
 pub struct RollupDelta<'a> {
     pub minutes: FastMap<(&'a str, i64), MinuteAgg>,
-    /// (minute, index into [`HISTOGRAM_METRICS`]) -> counts per bin
+    /// (minute, index into `HISTOGRAM_METRICS`) -> counts per bin
     pub histogram: FastMap<(i64, usize), Vec<i64>>,
 }
 

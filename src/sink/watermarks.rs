@@ -4,7 +4,7 @@
 //! The writer raises the watermarks in the same transaction as the rows, so a message
 //! replayed after a crash is recognised (offset at or below its watermark) and dropped.
 //! They are kept per key group, not per worker, so a run with another worker count still
-//! knows what was written (see docs/architecture.md). [`plan`] is the decision itself, pure
+//! knows what was written (see docs/architecture.md). `plan` is the decision itself, pure
 //! and apart from the database so it can be tested on its own.
 
 use tokio_postgres::{Client, Transaction};
