@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::cli::{BenchArgs, KafkaArgs, LoadgenArgs};
 use crate::envelope::Envelope;
 use crate::kafka::consumer::{PartitionReader, Polled, StartOffset};
+use crate::machine::CpuSample;
 use crate::record::{decode, now_ms, Limits};
 use crate::report::RunSummary;
 
@@ -36,6 +37,11 @@ pub struct JobRun {
     pub rows_per_second: f64,
     pub ratio_to_ceiling: f64,
     pub cpu_seconds_per_million: f64,
+    /// CPU seconds per million rows of the database server and of the broker during the
+    /// run (from /proc: `machine`), and the share of all cores that was busy.
+    pub database_cpu_seconds_per_million: f64,
+    pub broker_cpu_seconds_per_million: f64,
+    pub machine_utilisation: f64,
     pub peak_rss_mib_per_process: Vec<f64>,
 }
 
@@ -72,6 +78,8 @@ pub struct BenchReport {
     pub kafka_ceiling_records_per_second: f64,
     pub database_ceiling_rows_per_second: f64,
     pub database_ceiling_connections: usize,
+    /// The database server's CPU seconds per million rows of the bare COPY ceiling.
+    pub database_ceiling_cpu_seconds_per_million: f64,
     pub consumer_settings: Vec<(String, String)>,
     pub jobs: Vec<JobRun>,
     pub bad_only: BadOnlyRun,
@@ -110,7 +118,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     eprintln!("bench: database ceiling");
     let rows = same_rows(&loadgen(kafka.clone(), args.records, None, Some(start_time)));
     let ceiling_db = fresh_database(&runtime, &args.database.database_url, &format!("bench_ceiling_{stamp}"))?;
+    let ceiling_rows = rows.len() as f64;
+    let before = CpuSample::now();
     let db_ceiling = runtime.block_on(database_ceiling(&ceiling_db, rows, args.db_connections))?;
+    let ceiling_cpu = CpuSample::now().since(&before).database / (ceiling_rows / 1e6).max(1e-9);
     let ceiling = kafka_ceiling.min(db_ceiling);
 
     let mut jobs = Vec::new();
@@ -124,7 +135,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         let db = fresh_database(&runtime, &args.database.database_url, &format!("bench_job_{}_{stamp}", jobs.len()))?;
         let mut extra = vec!["--exit-when-idle", "1s"];
         extra.extend(&flags);
+        let before = CpuSample::now();
         let finished = run_job(&kafka, &db, &shape, &extra, None)?;
+        let used = CpuSample::now().since(&before);
         let rows: u64 = finished.iter().map(|f| f.rows_written).sum();
         if rows != args.records {
             bail!("job {shape} wrote {rows} rows, expected {}", args.records);
@@ -140,6 +153,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             ratio_to_ceiling: rate / ceiling,
             cpu_seconds_per_million: finished.iter().map(|f| f.cpu_seconds.unwrap_or(0.0)).sum::<f64>()
                 / (rows as f64 / 1e6),
+            database_cpu_seconds_per_million: used.database / (rows as f64 / 1e6),
+            broker_cpu_seconds_per_million: used.broker / (rows as f64 / 1e6),
+            machine_utilisation: used.machine_utilisation(),
             peak_rss_mib_per_process: finished.iter().map(|f| f.peak_rss_mib.unwrap_or(0.0)).collect(),
         });
     }
@@ -194,6 +210,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         kafka_ceiling_records_per_second: kafka_ceiling,
         database_ceiling_rows_per_second: db_ceiling,
         database_ceiling_connections: args.db_connections,
+        database_ceiling_cpu_seconds_per_million: ceiling_cpu,
         consumer_settings: crate::kafka::consumer::CONSUMER_TUNING
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -212,21 +229,25 @@ pub fn table(r: &BenchReport) -> String {
     let mut out =
         format!(
         "records {}  servers {}  produce {:.0}/s\nKafka ceiling     {:>10.0} records/s  (one reader, no decoding, best of 2)\n\
-         database ceiling  {:>10.0} rows/s     (binary COPY, {} connections, no Kafka)\n\n\
-         {:<6} {:<22} {:>11} {:>9} {:>14} {:>18}\n",
+         database ceiling  {:>10.0} rows/s     (binary COPY, {} connections, no Kafka; database {:.2} cpu s/M rows)\n\n\
+         {:<6} {:<22} {:>11} {:>9} {:>10} {:>10} {:>10} {:>8} {:>7} {:>18}\n",
         r.records, r.servers, r.produce_records_per_second, r.kafka_ceiling_records_per_second,
-        r.database_ceiling_rows_per_second, r.database_ceiling_connections,
-        "shape", "flags", "rows/s", "ratio", "cpu s/M rows", "peak RSS MiB/proc"
+        r.database_ceiling_rows_per_second, r.database_ceiling_connections, r.database_ceiling_cpu_seconds_per_million,
+        "shape", "flags", "rows/s", "ratio", "job s/M", "db s/M", "kafka s/M", "db/COPY", "busy", "peak RSS MiB/proc"
     );
     for j in &r.jobs {
         let rss: Vec<String> = j.peak_rss_mib_per_process.iter().map(|m| format!("{m:.0}")).collect();
         out += &format!(
-            "{:<6} {:<22} {:>11.0} {:>8.0}% {:>14.2} {:>18}\n",
+            "{:<6} {:<22} {:>11.0} {:>8.0}% {:>10.2} {:>10.2} {:>10.2} {:>7.1}x {:>6.0}% {:>18}\n",
             j.shape,
             j.flags,
             j.rows_per_second,
             j.ratio_to_ceiling * 100.0,
             j.cpu_seconds_per_million,
+            j.database_cpu_seconds_per_million,
+            j.broker_cpu_seconds_per_million,
+            j.database_cpu_seconds_per_million / r.database_ceiling_cpu_seconds_per_million.max(1e-9),
+            j.machine_utilisation * 100.0,
             rss.join(" ")
         );
     }

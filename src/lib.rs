@@ -15,6 +15,7 @@ pub mod job;
 pub mod kafka;
 pub mod lifecycle;
 pub mod loadgen;
+pub mod machine;
 pub mod metrics;
 pub mod ops;
 pub mod partitioning;

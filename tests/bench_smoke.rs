@@ -21,9 +21,16 @@ fn bench_runs_and_reports_non_zero_figures() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("Kafka ceiling") && stdout.contains("2x2    --dedup natural-key"), "{stdout}");
+    assert!(stdout.contains("db/COPY") && stdout.contains("kafka s/M"), "{stdout}");
+    println!("{stdout}");
 
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
-    for key in ["kafka_ceiling_records_per_second", "database_ceiling_rows_per_second", "produce_records_per_second"] {
+    for key in [
+        "kafka_ceiling_records_per_second",
+        "database_ceiling_rows_per_second",
+        "database_ceiling_cpu_seconds_per_million",
+        "produce_records_per_second",
+    ] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
     }
     let jobs = report["jobs"].as_array().unwrap();
@@ -33,6 +40,11 @@ fn bench_runs_and_reports_non_zero_figures() {
         assert!(job["rows_per_second"].as_f64().unwrap() > 0.0, "{job}");
         assert!(job["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{job}");
         assert!(job["cpu_seconds_per_million"].as_f64().unwrap() > 0.0, "{job}");
+        // The split of the work: the database and the broker did some, the cores were busy.
+        assert!(job["database_cpu_seconds_per_million"].as_f64().unwrap() > 0.0, "{job}");
+        assert!(job["broker_cpu_seconds_per_million"].as_f64().unwrap() > 0.0, "{job}");
+        let busy = job["machine_utilisation"].as_f64().unwrap();
+        assert!(busy > 0.0 && busy <= 1.0, "{job}");
         assert!(job["peak_rss_mib_per_process"].as_array().unwrap().iter().all(|m| m.as_f64().unwrap() > 1.0), "{job}");
     }
     // A stream of only malformed records (half the count), and a flood of large messages.
