@@ -12,8 +12,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use dataflows::routing::owned_partitions;
-use dataflows::{Durable, EpochWriter, IngestSettings, Observer, OffsetCommitter, SinkShape};
+use fleetflow_dataflows::routing::owned_partitions;
+use fleetflow_dataflows::{Durable, EpochWriter, IngestSettings, Observer, OffsetCommitter, SinkShape};
 use timely::worker::Worker;
 
 use crate::config::{JobConfig, StartFrom};
@@ -86,9 +86,16 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         exit_when_idle: config.exit_when_idle,
     };
     let observer = StatsObserver::new(&ctx.stats);
-    let (_, observer) =
-        dataflows::ingest::run_worker(worker, settings, reader, committer, make_writer, observer, &ctx.shutdown)
-            .map_err(|stop| anyhow::anyhow!(stop.0))?;
+    let (_, observer) = fleetflow_dataflows::ingest::run_worker(
+        worker,
+        settings,
+        reader,
+        committer,
+        make_writer,
+        observer,
+        &ctx.shutdown,
+    )
+    .map_err(|stop| anyhow::anyhow!(stop.0))?;
     if let Ok(mut total) = ctx.stats.latency.lock() {
         let _ = total.add(&observer.latency);
     }
@@ -123,7 +130,7 @@ fn agree_on_generation(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Resu
             Err(e) => (-2, e.to_string()),
         }
     });
-    match dataflows::from_first_worker::from_first_worker(worker, outcome) {
+    match fleetflow_dataflows::from_first_worker::from_first_worker(worker, outcome) {
         Some((generation, _)) if generation >= 0 => Ok(generation),
         Some((-1, line)) => Err(TopicHeld(line).into()),
         Some((_, line)) => Err(anyhow::anyhow!(line)),

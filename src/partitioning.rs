@@ -1,5 +1,5 @@
 //! Which key group a message belongs to: its serverId (from the key, else the body) hashed
-//! into one of [`KEY_GROUPS`]. Which worker writes a key group is `dataflows::routing`.
+//! into one of [`KEY_GROUPS`]. Which worker writes a key group is `fleetflow_dataflows::routing`.
 //!
 //! Every process must compute the same answers, so nothing here uses a randomly seeded hash.
 //! Key groups are the unit of exactly-once bookkeeping (see `sink::watermarks` and
@@ -7,7 +7,7 @@
 
 use std::hash::Hasher;
 
-pub use dataflows::routing::KEY_GROUPS;
+pub use fleetflow_dataflows::routing::KEY_GROUPS;
 
 /// The key group of a serverId: FNV-1a (64 bit, fixed offset basis) modulo [`KEY_GROUPS`].
 ///

@@ -4,7 +4,7 @@
 /// one key group and partition must reach the database in offset order).
 ///
 /// ```
-/// use dataflows::batch::cut_batches;
+/// use fleetflow_dataflows::batch::cut_batches;
 /// let batches = cut_batches((0..2500).collect::<Vec<u32>>(), 1000);
 /// assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), vec![1000, 1000, 500]);
 /// ```

@@ -68,8 +68,8 @@ pub trait WriteDurably<'scope, R: Record> {
     /// emits each epoch's number once all of its writers reported it durable.
     ///
     /// ```
-    /// use dataflows::durable_sink::{SinkShape, WriteDurably};
-    /// use dataflows::fakes::{FakeDatabase, FakeRecord};
+    /// use fleetflow_dataflows::durable_sink::{SinkShape, WriteDurably};
+    /// use fleetflow_dataflows::fakes::{FakeDatabase, FakeRecord};
     /// use timely::dataflow::operators::{Input, Inspect, Probe};
     ///
     /// let database = FakeDatabase::completing();

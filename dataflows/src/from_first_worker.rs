@@ -14,7 +14,7 @@ use timely::ExchangeData;
 /// ```
 /// timely::execute(timely::Config::process(2), |worker| {
 ///     let mine = (worker.index() == 0).then_some(42u64);
-///     let agreed = dataflows::from_first_worker::from_first_worker(worker, mine);
+///     let agreed = fleetflow_dataflows::from_first_worker::from_first_worker(worker, mine);
 ///     assert_eq!(agreed, Some(42));
 /// })
 /// .unwrap();

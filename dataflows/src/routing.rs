@@ -12,7 +12,7 @@ pub const KEY_GROUPS: u16 = 256;
 /// The worker (global index among `workers`) that writes a key group.
 ///
 /// ```
-/// assert_eq!(dataflows::routing::key_group_owner(7, 4), 3);
+/// assert_eq!(fleetflow_dataflows::routing::key_group_owner(7, 4), 3);
 /// ```
 pub fn key_group_owner(key_group: u16, workers: usize) -> usize {
     key_group as usize % workers
@@ -26,7 +26,7 @@ pub fn partition_owner(partition: i32, workers: usize) -> usize {
 /// The partitions of a `partitions`-partition topic that `worker` reads.
 ///
 /// ```
-/// assert_eq!(dataflows::routing::owned_partitions(1, 2, 5), vec![1, 3]);
+/// assert_eq!(fleetflow_dataflows::routing::owned_partitions(1, 2, 5), vec![1, 3]);
 /// ```
 pub fn owned_partitions(worker: usize, workers: usize, partitions: i32) -> Vec<i32> {
     (0..partitions).filter(|p| partition_owner(*p, workers) == worker).collect()

@@ -16,9 +16,9 @@ use crate::envelope::Envelope;
 use crate::record::{decode, now_ms};
 use crate::sink::offsets::{Landmark, Landmarks};
 use crate::stats::{KindLabels, Stats};
-use dataflows::Stop;
+use fleetflow_dataflows::Stop;
 
-/// Reads one worker's partitions for the dataflow (`dataflows::PartitionReader`).
+/// Reads one worker's partitions for the dataflow (`fleetflow_dataflows::PartitionReader`).
 pub struct KafkaSource<'a> {
     ctx: &'a IngestContext,
     consumer: Consumer,
@@ -51,7 +51,7 @@ impl<'a> KafkaSource<'a> {
     }
 }
 
-impl dataflows::PartitionReader for KafkaSource<'_> {
+impl fleetflow_dataflows::PartitionReader for KafkaSource<'_> {
     type Record = Envelope;
 
     /// A message below its partition's expected offset is not handed over: the topic went
@@ -138,7 +138,7 @@ impl dataflows::PartitionReader for KafkaSource<'_> {
     }
 }
 
-impl dataflows::Record for Envelope {
+impl fleetflow_dataflows::Record for Envelope {
     fn key_group(&self) -> u16 {
         self.key_group
     }

@@ -24,8 +24,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use dataflows::from_first_worker::from_first_worker;
-use dataflows::routing::owned_partitions;
+use fleetflow_dataflows::from_first_worker::from_first_worker;
+use fleetflow_dataflows::routing::owned_partitions;
 use timely::worker::Worker;
 
 use crate::config::{OnTopicReset, StartFrom};

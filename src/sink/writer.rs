@@ -55,7 +55,7 @@ pub struct WriterSettings {
     pub worker: usize,
     pub workers: usize,
     /// This writer's connection among the worker's `connections`: it writes the key groups
-    /// [`dataflows::routing::connection_key_groups`] gives it.
+    /// [`fleetflow_dataflows::routing::connection_key_groups`] gives it.
     pub connection: usize,
     pub connections: usize,
     /// When set, record which serverIds each transaction wrote, under this run id.
@@ -216,7 +216,8 @@ impl Writer {
             .query_one("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()", &[])
             .await?;
         let session = Session { pid: row.get(0), started: row.get(1) };
-        let owned = dataflows::routing::connection_key_groups(s.worker, s.workers, s.connection, s.connections);
+        let owned =
+            fleetflow_dataflows::routing::connection_key_groups(s.worker, s.workers, s.connection, s.connections);
         self.watermarks = load_watermarks(&client, &s.topic, &owned).await?;
         if s.natural_key {
             client.batch_execute(CREATE_STAGING).await?;
