@@ -39,7 +39,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     let partitions = owned_partitions(index, peers, ctx.partitions);
     let starts = resolve_starts(config, &partitions, &ctx.runtime, &checked)?;
     tracing::info!(worker = index, ?partitions, ?starts, "worker starting");
-    // The last message read below each committed offset, stored with it (kafka::landmarks).
+    // A message read below each committed offset, stored with it (kafka::landmarks).
     let landmarks = Arc::new(Landmarks::default());
     let reader = KafkaSource::open(ctx, (index, peers), &starts, &checked, landmarks.clone())?;
 
@@ -209,8 +209,7 @@ struct StatsObserver<'a> {
 
 impl<'a> StatsObserver<'a> {
     fn new(stats: &'a Stats) -> Self {
-        let latency = hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds");
-        StatsObserver { stats, held_back: false, latency }
+        StatsObserver { stats, held_back: false, latency: crate::stats::latency_histogram() }
     }
 }
 

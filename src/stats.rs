@@ -108,9 +108,7 @@ impl Default for Stats {
             stalled: Default::default(),
             skipped_offsets: Family::default(),
             copy_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
-            latency: std::sync::Mutex::new(
-                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),
-            ),
+            latency: std::sync::Mutex::new(latency_histogram()),
         }
     }
 }
@@ -133,6 +131,12 @@ impl Stats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Relaxed)
     }
+}
+
+/// An empty produce-to-durable latency histogram: 1 ms to an hour, 2 significant digits (the
+/// workers' and the process's total, so they can be added).
+pub fn latency_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds")
 }
 
 /// CPU seconds (user + system) this process has used, from /proc (Linux).

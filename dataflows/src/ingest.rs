@@ -142,11 +142,6 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
         self.probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
     }
 
-    /// The epoch the source stamps records with now.
-    pub fn open_epoch(&self) -> u64 {
-        *self.input.time()
-    }
-
     /// The reader, for the caller's own checks.
     pub fn reader(&self) -> &R {
         &self.reader
@@ -155,12 +150,9 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
     /// One turn of the worker loop, ending with a step of the dataflow (which parks for up
     /// to 5 ms when nothing was read). `Err` is the line the worker stops with.
     pub fn turn(&mut self, worker: &mut Worker) -> Result<Turn, Stop> {
-        let s = &self.settings;
         let durable = self.durable_frontier();
-        let observer = &mut self.observer;
-        self.commits.advance(durable, &mut self.source.closed, s.commit_interval, false, &mut self.reader, |p| {
-            observer.epoch_durable(p)
-        });
+        self.advance_commits(durable, self.settings.commit_interval, false);
+        let s = &self.settings;
         self.observer.epochs(durable.saturating_sub(1), *self.input.time());
 
         // Read, unless this source is as far ahead of the durable frontier as allowed, in
@@ -239,23 +231,29 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
         if self.source.in_epoch > 0 {
             self.close_epoch();
         }
-        let Ingest { settings, mut reader, mut observer, input, probe, mut source, mut commits, .. } = self;
-        drop(input);
-        let frontier = |probe: &ProbeHandle<u64>| probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX));
-        while !probe.done() {
+        // Closing the input: the handle the dataflow reads from goes; a detached one stays.
+        drop(std::mem::replace(&mut self.input, InputHandle::new()));
+        while !self.probe.done() {
             worker.step_or_park(Some(Duration::from_millis(5)));
-            commits.advance(frontier(&probe), &mut source.closed, settings.commit_interval, false, &mut reader, |p| {
-                observer.epoch_durable(p)
-            });
+            self.advance_commits(self.durable_frontier(), self.settings.commit_interval, false);
         }
-        commits.advance(u64::MAX, &mut source.closed, Duration::ZERO, true, &mut reader, |p| observer.epoch_durable(p));
-        while !commits.idle() {
+        self.advance_commits(u64::MAX, Duration::ZERO, true);
+        while !self.commits.idle() {
             std::thread::sleep(Duration::from_millis(5));
-            commits.mirror(&mut reader);
+            self.commits.mirror(&mut self.reader);
         }
-        commits.mirror(&mut reader);
-        reader.finish();
-        (reader, observer)
+        self.commits.mirror(&mut self.reader);
+        self.reader.finish();
+        (self.reader, self.observer)
+    }
+
+    /// The commit stage: epochs before `durable` are done; their offsets go out (see
+    /// [`crate::commit`]).
+    fn advance_commits(&mut self, durable: u64, interval: Duration, force: bool) {
+        let observer = &mut self.observer;
+        self.commits.advance(durable, &mut self.source.closed, interval, force, &mut self.reader, |p| {
+            observer.epoch_durable(p)
+        });
     }
 
     fn close_epoch(&mut self) {

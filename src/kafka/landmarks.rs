@@ -1,9 +1,10 @@
 //! Landmarks: with each committed offset, the offset, Kafka timestamp and a hash of key and
-//! value of the last message the job read below it. Offsets alone cannot tell a topic from
-//! one deleted and recreated while the job was stopped once the new topic has grown past the
-//! old offsets: the job would resume there and silently skip everything before. At start,
-//! the message at each landmark is fetched again; another message there, or none (a
-//! transaction marker of the new topic, say), means another topic. The offset held a
+//! value of a message the job read below it (the first of the read call that reached it).
+//! Offsets alone cannot tell a topic from one deleted and recreated while the job was
+//! stopped once the new topic has grown past the old offsets: the job would resume there and
+//! silently skip everything before. At start, the message at each landmark is fetched again;
+//! another message there, or none (a transaction marker of the new topic, say), means
+//! another topic. The offset held a
 //! committed data message when the job read it, and retention only deletes below the low
 //! watermark (checked first), so in the same topic it still does; only log compaction could
 //! remove it, and a metrics topic is not compacted.

@@ -27,8 +27,8 @@ pub struct KafkaSource<'a> {
     offsets: OffsetWatch,
     watch: PartitionWatch,
     landmarks: Arc<Landmarks>,
-    /// The last message of each partition in the current read call.
-    last_read: Vec<(i32, Landmark)>,
+    /// Partitions whose landmark the current read call has noted.
+    noted: Vec<i32>,
 }
 
 impl<'a> KafkaSource<'a> {
@@ -47,7 +47,7 @@ impl<'a> KafkaSource<'a> {
         }
         let partitions: Vec<i32> = starts.iter().map(|(p, _)| *p).collect();
         let watch = PartitionWatch::new(ctx, worker, workers, &partitions, checked);
-        Ok(KafkaSource { ctx, consumer, offsets, watch, landmarks, last_read: Vec::new() })
+        Ok(KafkaSource { ctx, consumer, offsets, watch, landmarks, noted: Vec::new() })
     }
 }
 
@@ -62,6 +62,7 @@ impl fleetflow_dataflows::PartitionReader for KafkaSource<'_> {
         let arrived = Instant::now();
         let (mut read, mut dead) = (0, 0);
         let mut error = None;
+        self.noted.clear();
         loop {
             let message = match self.consumer.poll() {
                 Polled::Message(m) => m,
@@ -82,23 +83,19 @@ impl fleetflow_dataflows::PartitionReader for KafkaSource<'_> {
                 dead += 1;
                 ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();
             }
-            if let Some(time_ms) = time_ms {
+            // Any message read below a committed offset can be its landmark: the first of each
+            // partition in a read call will do, so only that one is hashed (epochs close
+            // between read calls, so every commit has one below it).
+            if let (Some(time_ms), false) = (time_ms, self.noted.contains(&message.partition())) {
                 let hash = message_hash(message.key(), message.payload());
-                let mark = Landmark { offset: message.offset(), time_ms, hash };
-                match self.last_read.iter_mut().find(|(p, _)| *p == message.partition()) {
-                    Some(last) => last.1 = mark,
-                    None => self.last_read.push((message.partition(), mark)),
-                }
+                self.landmarks.note(message.partition(), Landmark { offset: message.offset(), time_ms, hash });
+                self.noted.push(message.partition());
             }
             let envelope = Envelope::new(message.partition(), message.offset(), message.key(), raw, time_ms, decoded);
             read += 1;
             if !emit(envelope, time_ms) {
                 break;
             }
-        }
-        // Epochs close between read calls: the last message of each is a commit's landmark.
-        for (partition, mark) in self.last_read.drain(..) {
-            self.landmarks.note(partition, mark);
         }
         Stats::add(&ctx.stats.dead_letters, dead);
         if let Some(e) = error {

@@ -185,14 +185,14 @@ fn inspect_topic(ctx: &IngestContext, generation: i64) -> anyhow::Result<TopicCh
 /// there (`kafka::landmarks`). One problem line per partition where another message is.
 fn recreated_under_landmarks(
     ctx: &IngestContext,
-    landmarks: &[(i32, i64, Landmark)],
+    landmarks: &[(i32, Landmark)],
     marks: &std::collections::BTreeMap<i32, (i64, i64)>,
 ) -> Vec<String> {
     // Only landmarks the topic still holds: retention may have deleted older ones (a gap).
     let to_check: Vec<(i32, Landmark)> = landmarks
         .iter()
-        .filter(|(p, _, m)| marks.get(p).is_some_and(|(low, high)| (*low..*high).contains(&m.offset)))
-        .map(|(p, _, m)| (*p, *m))
+        .filter(|(p, m)| marks.get(p).is_some_and(|(low, high)| (*low..*high).contains(&m.offset)))
+        .copied()
         .collect();
     let found = landmarks::check(&ctx.config.kafka, &to_check, LANDMARK_TIMEOUT).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "cannot fetch the messages the last commits stood on; not checked");

@@ -31,8 +31,8 @@ pub struct Landmarks {
 }
 
 impl Landmarks {
-    /// The source read `offset` of `partition`, produced at `time_ms` (noted once per read
-    /// call and partition: epochs close between read calls).
+    /// The source read the message `mark` of `partition` (the first of each read call and
+    /// partition: epochs close between read calls, so every commit has one below it).
     pub fn note(&self, partition: i32, mark: Landmark) {
         if let Ok(mut seen) = self.seen.lock() {
             seen.entry(partition).or_default().insert(mark.offset + 1, mark);
@@ -62,20 +62,17 @@ pub async fn load_offsets(client: &Client, topic: &str) -> Result<HashMap<i32, i
 }
 
 /// The landmark of each partition's committed offset (see `kafka::landmarks`), where known.
-pub async fn load_landmarks(client: &Client, topic: &str) -> Result<Vec<(i32, i64, Landmark)>, SinkError> {
+pub async fn load_landmarks(client: &Client, topic: &str) -> Result<Vec<(i32, Landmark)>, SinkError> {
     let rows = client
         .query(
-            "SELECT partition, next_offset, landmark_offset, landmark_time_ms, landmark_hash FROM fleetflow_offsets
+            "SELECT partition, landmark_offset, landmark_time_ms, landmark_hash FROM fleetflow_offsets
              WHERE topic = $1 AND landmark_offset IS NOT NULL AND landmark_time_ms IS NOT NULL
                    AND landmark_hash IS NOT NULL
              ORDER BY partition",
             &[&topic],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), Landmark { offset: r.get(2), time_ms: r.get(3), hash: r.get(4) }))
-        .collect())
+    Ok(rows.iter().map(|r| (r.get(0), Landmark { offset: r.get(1), time_ms: r.get(2), hash: r.get(3) })).collect())
 }
 
 /// Stores offsets, each with its landmark, in a transaction that first checks this job
