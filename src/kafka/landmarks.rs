@@ -4,10 +4,9 @@
 //! stopped once the new topic has grown past the old offsets: the job would resume there and
 //! silently skip everything before. At start, the message at each landmark is fetched again;
 //! another message there, or none (a transaction marker of the new topic, say), means
-//! another topic. The offset held a
-//! committed data message when the job read it, and retention only deletes below the low
-//! watermark (checked first), so in the same topic it still does; only log compaction could
-//! remove it, and a metrics topic is not compacted.
+//! another topic. The offset held a committed data message when the job read it, and
+//! retention only deletes below the low watermark (checked first), so in the same topic it
+//! still does; only log compaction could remove it, and a metrics topic is not compacted.
 
 use std::time::{Duration, Instant};
 
