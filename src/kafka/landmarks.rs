@@ -91,7 +91,7 @@ mod tests {
     use crate::sink::offsets::Landmarks;
 
     #[test]
-    fn a_commit_stands_on_the_last_message_read_below_it() {
+    fn a_commit_stands_on_the_newest_landmark_below_it() {
         let at = |offset, time_ms| Landmark { offset, time_ms, hash: offset * 7 };
         let marks = Landmarks::default();
         marks.note(0, at(9, 1_000));
@@ -106,6 +106,23 @@ mod tests {
         // Moving past transaction markers without a message keeps the last landmark.
         assert_eq!(marks.for_commit(&[(0, 25)]), vec![Some(at(19, 2_000))]);
         assert_eq!(marks.for_commit(&[(0, 26)]), vec![Some(at(19, 2_000))]);
+    }
+
+    #[test]
+    fn landmarks_between_two_commits_are_bounded() {
+        let at = |offset| Landmark { offset, time_ms: offset, hash: offset };
+        let marks = Landmarks::default();
+        for offset in 0..100_000 {
+            marks.note(0, at(offset));
+        }
+        // The newest are kept; a commit below every one left gets none.
+        assert_eq!(marks.for_commit(&[(0, 100_000)]), vec![Some(at(99_999))]);
+        let marks = Landmarks::default();
+        for offset in 0..100_000 {
+            marks.note(0, at(offset));
+        }
+        assert_eq!(marks.for_commit(&[(0, 10)]), vec![None]);
+        assert_eq!(marks.for_commit(&[(0, 99_000)]), vec![Some(at(98_999))]);
     }
 
     #[test]

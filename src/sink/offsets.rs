@@ -23,6 +23,9 @@ pub struct Landmark {
     pub hash: i64,
 }
 
+/// Landmarks kept per partition between two commits, at most.
+const MAX_LANDMARKS_PER_PARTITION: usize = 1024;
+
 /// Messages the source read, per partition, by the next offset after them; the committer
 /// takes the one below each offset it commits. Shared by a worker's source and committer.
 #[derive(Debug, Default)]
@@ -35,7 +38,14 @@ impl Landmarks {
     /// partition: epochs close between read calls, so every commit has one below it).
     pub fn note(&self, partition: i32, mark: Landmark) {
         if let Ok(mut seen) = self.seen.lock() {
-            seen.entry(partition).or_default().insert(mark.offset + 1, mark);
+            let marks = seen.entry(partition).or_default();
+            marks.insert(mark.offset + 1, mark);
+            // A trickle read with a long --commit-interval notes many between two commits;
+            // the oldest go first (a commit below all that are left stores no new landmark
+            // and keeps the one it had, still a message of the same topic).
+            if marks.len() > MAX_LANDMARKS_PER_PARTITION {
+                marks.pop_first();
+            }
         }
     }
 
