@@ -101,6 +101,15 @@ pub enum QueryCommand {
     },
     /// Servers that reported in the last hour but went quiet (run --silent-after), and since when.
     Silent,
+    /// The alerts of the [[alert]] rules, newest first.
+    Alerts {
+        /// Only the alerts that are firing now.
+        #[arg(long)]
+        active: bool,
+        /// Alerts that started or ended within this window (ignored with --active).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        since: Duration,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -383,6 +392,20 @@ pub struct RunArgs {
     /// Serve Prometheus `/metrics` and `/healthz` on this address (e.g. 127.0.0.1:9898).
     #[arg(long, env = "FLEETFLOW_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Send the alerts of the config file's [[alert]] rules to this Prometheus Alertmanager
+    /// (its v2 API), e.g. http://127.0.0.1:9093.
+    #[arg(long, env = "FLEETFLOW_ALERTMANAGER_URL")]
+    pub alertmanager_url: Option<String>,
+    /// How often firing (and recently resolved) alerts are sent to Alertmanager again.
+    #[arg(long, env = "FLEETFLOW_ALERT_RESEND_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub alert_resend_interval: Duration,
+    /// How far behind a server's newest minute a late report may still change an alert
+    /// (each server keeps its newest minutes: the longest rule's `for` plus this).
+    #[arg(long, env = "FLEETFLOW_ALERT_LATENESS", default_value = "10m", value_parser = parse_duration)]
+    pub alert_lateness: Duration,
+    /// The config file's [[alert]] rules (set from --config, not a flag).
+    #[arg(skip)]
+    pub alert_rules: crate::alerts::rules::AlertRules,
     /// Drop raw chunks older than this, checked hourly by process 0 (default: keep all).
     #[arg(long, env = "FLEETFLOW_RETAIN", value_parser = parse_duration)]
     pub retain: Option<Duration>,

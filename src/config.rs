@@ -123,7 +123,7 @@ pub struct TopicConfig {
 }
 
 /// `fleetflow run`, checked: everything a process of the job needs to know.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct JobConfig {
     pub kafka: KafkaConfig,
     pub database: DatabaseConfig,
@@ -147,6 +147,8 @@ pub struct JobConfig {
     pub metrics_listen: Option<String>,
     /// Write the run summary (JSON) here, at every report and at exit.
     pub summary_json: Option<PathBuf>,
+    /// The alert rules and where their alerts go.
+    pub alerts: crate::alerts::AlertConfig,
 }
 
 impl JobConfig {
@@ -179,7 +181,25 @@ impl JobConfig {
             return Err(ConfigError::MessageBytesAboveCeiling(args.max_message_bytes));
         }
         let addresses = cluster_addresses(&args)?;
+        if let Some(url) = &args.alertmanager_url {
+            crate::alerts::alertmanager::Alertmanager::new(url, args.alert_resend_interval)
+                .map_err(|e| ConfigError::Alerts(e.to_string()))?;
+            if args.alert_rules.is_empty() {
+                return Err(ConfigError::Alerts(
+                    "--alertmanager-url is set but the config file has no [[alert]] rules".into(),
+                ));
+            }
+        }
+        if args.alert_resend_interval.is_zero() {
+            return Err(ConfigError::Zero("--alert-resend-interval"));
+        }
         Ok(JobConfig {
+            alerts: crate::alerts::AlertConfig {
+                rules: args.alert_rules,
+                lateness: args.alert_lateness,
+                alertmanager_url: args.alertmanager_url,
+                resend_interval: args.alert_resend_interval,
+            },
             cluster: Cluster {
                 workers: args.workers,
                 processes: args.processes,
@@ -245,6 +265,10 @@ pub enum ConfigError {
     MessageBytesAboveCeiling(usize),
     #[error("cannot read --config {path}: {message}")]
     ConfigFile { path: PathBuf, message: String },
+    #[error("{0}")]
+    Alerts(String),
+    #[error("in {path}: {source}")]
+    AlertRule { path: PathBuf, source: crate::alerts::rules::RuleError },
     #[error("unknown key `{key}` in {path} (keys are flag names such as epoch-records; librdkafka settings go under [kafka])")]
     UnknownKey { key: String, path: PathBuf },
 }
@@ -256,6 +280,8 @@ pub struct ConfigFile {
     pub env: Vec<(String, String)>,
     /// librdkafka settings from the `[kafka]` table.
     pub kafka: Vec<(String, String)>,
+    /// The `[[alert]]` rules, checked.
+    pub alert_rules: crate::alerts::rules::AlertRules,
 }
 
 /// Parses a TOML config file whose top-level keys mirror the flags of any subcommand
@@ -282,6 +308,11 @@ pub fn parse_config_file(path: &Path, text: &str, cli: &clap::Command) -> Result
             for (k, v) in kafka {
                 file.kafka.push((k.clone(), scalar(&v).ok_or_else(|| bad(format!("kafka.{k} must be a value")))?));
             }
+            continue;
+        }
+        if key == "alert" {
+            file.alert_rules = crate::alerts::rules::parse_rules(value)
+                .map_err(|source| ConfigError::AlertRule { path: path.to_owned(), source })?;
             continue;
         }
         let env = flags

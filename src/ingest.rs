@@ -13,9 +13,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fleetflow_dataflows::routing::owned_partitions;
-use fleetflow_dataflows::{Durable, EpochWriter, IngestSettings, Observer, OffsetCommitter, SinkShape};
+use fleetflow_dataflows::{Durable, EpochWriter, Ingest, IngestSettings, Observer, OffsetCommitter, SinkShape, Turn};
 use timely::worker::Worker;
 
+use crate::alerts::WorkerAlerts;
 use crate::config::{JobConfig, StartFrom};
 use crate::context::IngestContext;
 use crate::envelope::Envelope;
@@ -42,6 +43,11 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     // A message read below each committed offset, stored with it (kafka::landmarks).
     let landmarks = Arc::new(Landmarks::default());
     let reader = KafkaSource::open(ctx, (index, peers), &starts, &checked, landmarks.clone())?;
+    // The alert rules' dataflow comes before the ingest dataflow, on every worker.
+    let (mut alerts, alert_tap) = match WorkerAlerts::start(worker, config, &ctx.runtime)? {
+        Some((alerts, tap)) => (Some(alerts), Some(tap)),
+        None => (None, None),
+    };
 
     // One worker leaves the database idle while it prepares each transaction; several
     // workers keep it busy already (measured: see the README's performance section).
@@ -58,6 +64,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         rollups: config.sink.rollups,
         generation,
         timeout: config.sink.timeout,
+        alerts: alert_tap,
     };
     let make_writer = |connection, durable: Durable| {
         let settings = WriterSettings { connection, ..writer.clone() };
@@ -86,16 +93,19 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
         exit_when_idle: config.exit_when_idle,
     };
     let observer = StatsObserver::new(&ctx.stats);
-    let (_, observer) = fleetflow_dataflows::ingest::run_worker(
-        worker,
-        settings,
-        reader,
-        committer,
-        make_writer,
-        observer,
-        &ctx.shutdown,
-    )
-    .map_err(|stop| anyhow::anyhow!(stop.0))?;
+    let mut ingest = Ingest::new(worker, settings, reader, committer, make_writer, observer);
+    while !ctx.shutdown.load(Ordering::Relaxed) {
+        if let Some(alerts) = &mut alerts {
+            alerts.turn();
+        }
+        if ingest.turn(worker).map_err(|stop| anyhow::anyhow!(stop.0))? == Turn::Idle {
+            break;
+        }
+    }
+    let (_, observer) = ingest.finish(worker);
+    if let Some(alerts) = alerts {
+        alerts.finish(worker, config.shutdown_timeout);
+    }
     if let Ok(mut total) = ctx.stats.latency.lock() {
         let _ = total.add(&observer.latency);
     }

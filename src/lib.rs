@@ -3,6 +3,7 @@
 //! promises; each module below owns one concern.
 #![deny(unsafe_code)]
 
+pub mod alerts;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -7,12 +7,13 @@ mod commands;
 use std::process::ExitCode;
 
 use clap::Parser;
+use fleetflow::alerts::rules::AlertRules;
 use fleetflow::cli::{Cli, Command, TopicCommand};
 use fleetflow::exit::{self, Exit};
 
 fn main() -> ExitCode {
-    let kafka_from_file = match load_config_file() {
-        Ok(options) => options,
+    let (kafka_from_file, alert_rules) = match load_config_file() {
+        Ok(file) => file,
         Err(e) => return exit::fail(Exit::Usage, &e.to_string()),
     };
     let mut cli = match Cli::try_parse() {
@@ -28,6 +29,9 @@ fn main() -> ExitCode {
         // File settings first, so the user's -X flags override them.
         let flags = std::mem::take(&mut kafka.kafka_options);
         kafka.kafka_options = kafka_from_file.into_iter().chain(flags).collect();
+    }
+    if let Command::Run(args) | Command::Check(args) = &mut cli.command {
+        args.alert_rules = alert_rules;
     }
     init_logging();
     exit::from_result(commands::dispatch(cli.command))
@@ -61,15 +65,17 @@ fn init_logging() {
 
 /// Reads `--config FILE` (or FLEETFLOW_CONFIG) before the flags are parsed: each key becomes
 /// the default of its FLEETFLOW_* variable unless that is set, so flags > env > file >
-/// defaults. Returns the file's `[kafka]` settings.
-fn load_config_file() -> Result<Vec<(String, String)>, fleetflow::config::ConfigError> {
+/// defaults. Returns the file's `[kafka]` settings and `[[alert]]` rules.
+fn load_config_file() -> Result<(Vec<(String, String)>, AlertRules), fleetflow::config::ConfigError> {
     let args: Vec<String> = std::env::args().collect();
     let from_flag = args.iter().enumerate().find_map(|(i, a)| {
         a.strip_prefix("--config=")
             .map(str::to_owned)
             .or_else(|| (a == "--config").then(|| args.get(i + 1).cloned()).flatten())
     });
-    let Some(path) = from_flag.or_else(|| std::env::var("FLEETFLOW_CONFIG").ok()) else { return Ok(Vec::new()) };
+    let Some(path) = from_flag.or_else(|| std::env::var("FLEETFLOW_CONFIG").ok()) else {
+        return Ok(Default::default());
+    };
     let path = std::path::PathBuf::from(path);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| fleetflow::config::ConfigError::ConfigFile { path: path.clone(), message: e.to_string() })?;
@@ -80,7 +86,7 @@ fn load_config_file() -> Result<Vec<(String, String)>, fleetflow::config::Config
             std::env::set_var(env, value);
         }
     }
-    Ok(file.kafka)
+    Ok((file.kafka, file.alert_rules))
 }
 
 /// The Kafka flags of a command that has them, where the config file's `[kafka]` settings go.

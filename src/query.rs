@@ -20,10 +20,18 @@ fn interval(d: Duration) -> String {
     format!("{} milliseconds", d.as_millis())
 }
 
+/// What an empty answer means.
+enum Empty {
+    /// Nothing where there should be something (an error: exit code 1).
+    Fail(String),
+    /// A fine answer, said in words.
+    Say(String),
+}
+
 /// Runs the query and renders it.
 pub async fn run(args: QueryArgs) -> anyhow::Result<String> {
     let client = crate::sink::connect(&args.database.database_url).await?;
-    let (sql, params, empty): (String, Vec<String>, Option<String>) = match &args.command {
+    let (sql, params, empty): (String, Vec<String>, Empty) = match &args.command {
         QueryCommand::Top { metric, window, limit } => {
             let m = metric.column();
             (
@@ -33,7 +41,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<String> {
                      GROUP BY server_id HAVING sum({m}_count) > 0 ORDER BY 2 DESC, 1 LIMIT {limit}"
                 ),
                 vec![interval(*window)],
-                Some(format!("no {m} data in the last {}", humantime::format_duration(*window))),
+                Empty::Fail(format!("no {m} data in the last {}", humantime::format_duration(*window))),
             )
         }
         QueryCommand::Server { server_id, since } => (
@@ -41,7 +49,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<String> {
              WHERE server_id = $2 AND bucket >= time_bucket('1 minute', now() - $1::text::interval) ORDER BY bucket"
                 .into(),
             vec![interval(*since), server_id.clone()],
-            Some(format!("server {server_id:?} has no data in the last {}", humantime::format_duration(*since))),
+            Empty::Fail(format!("server {server_id:?} has no data in the last {}", humantime::format_duration(*since))),
         ),
         QueryCommand::Fleet { since } => (
             "SELECT bucket, servers, reports, cpu_avg, cpu_max, cpu_p50, cpu_p95, cpu_p99,
@@ -49,14 +57,32 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<String> {
              FROM fleet_1m WHERE bucket >= time_bucket('1 minute', now() - $1::text::interval) ORDER BY bucket"
                 .into(),
             vec![interval(*since)],
-            Some(format!("no fleet data in the last {}", humantime::format_duration(*since))),
+            Empty::Fail(format!("no fleet data in the last {}", humantime::format_duration(*since))),
         ),
         QueryCommand::Silent => (
             "SELECT server_id, last_seen, date_trunc('second', silent_for)::text AS silent_for FROM silent_servers
              ORDER BY last_seen"
                 .into(),
             vec![],
-            None,
+            Empty::Say("no silent servers".into()),
+        ),
+        QueryCommand::Alerts { active, since } => (
+            format!(
+                "SELECT rule, coalesce(server_id, '(fleet)') AS server, state, started, resolved,
+                        round(value::numeric, 2)::float8 AS value, labels::text AS labels
+                 FROM alerts WHERE {} ORDER BY started DESC, rule, server",
+                if *active {
+                    "state = 'firing' AND $1::text IS NOT NULL"
+                } else {
+                    "(state = 'firing' OR resolved >= now() - $1::text::interval OR started >= now() - $1::text::interval)"
+                }
+            ),
+            vec![interval(*since)],
+            Empty::Say(if *active {
+                "no alert is firing".into()
+            } else {
+                format!("no alerts in the last {}", humantime::format_duration(*since))
+            }),
         ),
     };
     let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
@@ -69,12 +95,10 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<String> {
     })?;
     let columns: Vec<String> = match rows.first() {
         Some(r) => r.columns().iter().map(|c| c.name().to_owned()).collect(),
-        None => {
-            if let Some(message) = empty {
-                bail!("{message}");
-            }
-            return Ok("no silent servers\n".into());
-        }
+        None => match empty {
+            Empty::Fail(message) => bail!("{message}"),
+            Empty::Say(message) => return Ok(format!("{message}\n")),
+        },
     };
     let rows = rows.iter().map(|r| (0..r.len()).map(|i| value(r, i)).collect()).collect();
     Ok(render(&Table { columns, rows }, args.format))

@@ -92,6 +92,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "ALTER TABLE fleetflow_offsets ADD COLUMN landmark_offset bigint, ADD COLUMN landmark_time_ms bigint,
              ADD COLUMN landmark_hash bigint;",
     ),
+    (6, "alerts: the episodes of the [[alert]] rules (alerts::sink)", crate::alerts::sink::MIGRATION),
 ];
 
 /// The newest schema version this build knows.

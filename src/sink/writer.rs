@@ -35,6 +35,7 @@ use super::dead_letters::{copy_dead_letters, rejected_row, DeadLetterRow};
 use super::rollups::RollupDelta;
 use super::watermarks::{load_watermarks, plan, raise_watermarks};
 use super::{backoff, connect_as, is_data_error, FastMap, SinkError};
+use crate::alerts::window::AlertTap;
 use crate::envelope::{DeadLetter, Envelope, Item};
 use crate::record::Metric;
 use crate::stats::Stats;
@@ -44,7 +45,7 @@ use crate::stats::Stats;
 const CREATE_STAGING: &str = "CREATE TEMP TABLE fleetflow_staging (LIKE metrics) ON COMMIT DELETE ROWS";
 const INSERT_FROM_STAGING: &str =
     "INSERT INTO metrics SELECT * FROM fleetflow_staging ON CONFLICT (server_id, time) DO NOTHING \
-     RETURNING server_id, time, cpu, ram";
+     RETURNING server_id, time, cpu, ram, extra";
 
 /// What a writer needs to know.
 #[derive(Clone, Debug)]
@@ -69,6 +70,8 @@ pub struct WriterSettings {
     /// A database call of a write (each statement, the commit, a reconnect) that takes longer
     /// means the database or the session hung.
     pub timeout: Duration,
+    /// With alert rules: where what each transaction committed goes (see `alerts::window`).
+    pub alerts: Option<AlertTap>,
 }
 
 /// One epoch's rows for this worker, already cut into COPY batches.
@@ -304,7 +307,22 @@ impl Writer {
                 plan.batches.iter().map(|b| b.iter().filter(written).copied().collect()).collect();
             within(t, audit(&tx, run, settings.worker, &batches)).await?;
         }
+        // What the alert rules read: the rows this transaction writes (folded before the
+        // commit, while the rows are borrowed; handed over only once it committed).
+        let committed_minutes = settings.alerts.as_ref().map(|tap| {
+            if settings.natural_key {
+                tap.fold(&inserted)
+            } else {
+                tap.fold(plan.batches.iter().flatten().filter(written).filter_map(|env| match &env.item {
+                    Item::Metric(m) => Some(m),
+                    Item::DeadLetter(_) => None,
+                }))
+            }
+        });
         within(t, tx.commit()).await?;
+        if let (Some(tap), Some(minutes)) = (&settings.alerts, committed_minutes) {
+            tap.send(minutes);
+        }
 
         // One line per transaction, not per row: a constraint that refuses everything must
         // not flood the log.
@@ -398,7 +416,7 @@ async fn write_isolating<'a>(
 /// Runs one database call (or the reconnect), giving up after `limit`: past it the database
 /// or the session hung. Per call, not per transaction: a large transaction that is bisecting
 /// refused rows makes progress call by call and must not be cut short as a whole.
-async fn within<T, E: Into<SinkError>>(
+pub(crate) async fn within<T, E: Into<SinkError>>(
     limit: Duration,
     call: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, SinkError> {
@@ -423,6 +441,15 @@ fn inserted_metric(row: &tokio_postgres::Row) -> Metric {
         time_us: row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros(),
         cpu: row.get(2),
         ram: row.get(3),
-        extra: Vec::new(),
+        // The alert rules may read extra fields; the rollups do not.
+        extra: row
+            .get::<_, Option<serde_json::Value>>(4)
+            .and_then(|v| match v {
+                serde_json::Value::Object(fields) => {
+                    Some(fields.into_iter().filter_map(|(k, v)| Some((k, v.as_f64()?))).collect())
+                }
+                _ => None,
+            })
+            .unwrap_or_default(),
     }
 }

@@ -511,3 +511,50 @@ impl Drop for Gateway {
 pub fn messages_in_topic(stack: &Stack, partitions: i32) -> i64 {
     stack.end_offsets(partitions).iter().map(|(_, end)| end).sum()
 }
+
+/// A real Prometheus Alertmanager (Debian's `prometheus-alertmanager`), stopped when dropped.
+pub struct Alertmanager {
+    child: Child,
+    pub url: String,
+}
+
+impl Alertmanager {
+    pub fn start(dir: &Path) -> Alertmanager {
+        let binary = "/usr/bin/prometheus-alertmanager";
+        assert!(
+            Path::new(binary).exists(),
+            "{binary} is missing: scripts/prereqs.sh installs Debian's prometheus-alertmanager"
+        );
+        let config = dir.join("alertmanager.yml");
+        std::fs::write(&config, "route:\n  receiver: none\n  group_wait: 1s\nreceivers:\n  - name: none\n").unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.join("alertmanager.log")).unwrap();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.join("alertmanager-data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            // A single instance: no gossip port to collide with other tests.
+            .arg("--cluster.listen-address=")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for_port(&addr, Duration::from_secs(20));
+        Alertmanager { child, url: format!("http://{addr}") }
+    }
+
+    /// The alerts its v2 API shows (active ones: resolved alerts are not listed).
+    pub fn alerts(&self) -> Vec<serde_json::Value> {
+        let url = format!("{}/api/v2/alerts", self.url);
+        let body = runtime().block_on(async { reqwest::get(&url).await?.text().await }).unwrap();
+        serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
