@@ -3,7 +3,8 @@
 # (TimescaleDB + the nisshi broker; the first broker build takes about 15 minutes), builds
 # fleetflow, creates the topic with 4 partitions, starts the HTTP gateway, sends a burst from
 # 5,000 simulated servers through it (0.1% of them malformed, which the gateway rejects), runs
-# the job as 2 processes x 2 workers until the topic is drained, and shows what landed.
+# the job as 2 processes x 2 workers until the topic is drained, with the alert rules of
+# scripts/demo-alerts.toml and a local Alertmanager, and shows what landed and what fired.
 # Safe to run again: each run adds a new burst.
 #
 # Env: RECORDS (default 500000), SERVERS (default 5000).
@@ -39,7 +40,19 @@ echo "== $SERVERS simulated servers send $RECORDS records through the gateway"
 $bin loadgen --count "$RECORDS" --servers "$SERVERS" --gateway http://127.0.0.1:58080 --bad-fraction 0.001
 kill -TERM $gateway && wait $gateway || true
 
-echo "== running the job: 2 processes x 2 workers"
+echo "== starting Alertmanager on 127.0.0.1:59093 (Debian's prometheus-alertmanager)"
+printf 'route:\n  receiver: none\n  group_wait: 1s\nreceivers:\n  - name: none\n' >"$logs/alertmanager.yml"
+/usr/bin/prometheus-alertmanager --config.file="$logs/alertmanager.yml" --storage.path="$logs/alertmanager-data" \
+  --web.listen-address=127.0.0.1:59093 --cluster.listen-address= >"$logs/alertmanager.log" 2>&1 &
+alertmanager=$!
+trap 'kill $gateway $alertmanager 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  (exec 3<>/dev/tcp/127.0.0.1/59093) 2>/dev/null && break
+  kill -0 $alertmanager 2>/dev/null || { cat "$logs/alertmanager.log" >&2; exit 1; }
+  sleep 0.1
+done
+
+echo "== running the job: 2 processes x 2 workers, alert rules from scripts/demo-alerts.toml"
 # The local broker keeps its topics in memory: after it restarts, the topic is new while the
 # database still holds the old offsets. The job refuses such a topic unless told to start it
 # over; for this local stack that is what is wanted (it acts only when the offsets do not fit
@@ -50,7 +63,8 @@ started=$(date +%s%N)
 pids=()
 for p in 0 1; do
   FLEETFLOW_LOG=info $bin run --processes 2 --process-id $p --hostfile "$hostfile" --workers 2 \
-    --exit-when-idle 2s --on-topic-reset start-over --summary-json "$logs/summary-p$p.json" 2>"$logs/job-p$p.log" &
+    --exit-when-idle 2s --on-topic-reset start-over --summary-json "$logs/summary-p$p.json" \
+    --config scripts/demo-alerts.toml --alertmanager-url http://127.0.0.1:59093 2>"$logs/job-p$p.log" &
   pids+=($!)
 done
 status=0
@@ -84,4 +98,10 @@ echo "== from the rollups: the five hottest servers of the last 5 minutes (fleet
 $bin query top --metric cpu --window 5m --limit 5
 echo "== the fleet, minute by minute (fleetflow query fleet --since 5m)"
 $bin query fleet --since 5m
+echo "== alerts firing (fleetflow query alerts --active; the first 10)"
+$bin query alerts --active | head -n 11 || true
+echo "  firing in the alerts table: $(sql -Atc "SELECT count(*) FROM alerts WHERE state = 'firing'")," \
+  "in Alertmanager: $(python3 -c 'import json, urllib.request
+alerts = json.load(urllib.request.urlopen("http://127.0.0.1:59093/api/v2/alerts"))
+print(sum(a["status"]["state"] == "active" for a in alerts))')"
 echo "logs: $logs/job-p0.log $logs/job-p1.log; run summaries (JSON): $logs/summary-p0.json $logs/summary-p1.json"

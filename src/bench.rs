@@ -70,6 +70,77 @@ pub struct BigMessagesRun {
     pub bound_mib: f64,
 }
 
+/// The same records (recent timestamps, so the rules' windows hold them) through 1x1
+/// without rules and with [`BENCH_RULES`]: what evaluating alerts costs.
+#[derive(Debug, Serialize)]
+pub struct AlertCostRun {
+    pub records: u64,
+    pub rules: usize,
+    pub without_rows_per_second: f64,
+    pub with_rows_per_second: f64,
+    pub without_cpu_seconds_per_million: f64,
+    pub with_cpu_seconds_per_million: f64,
+    pub without_peak_rss_mib: f64,
+    pub with_peak_rss_mib: f64,
+    /// Alerts the rules raised over the records.
+    pub alerts: i64,
+}
+
+/// Ten rules of every kind, for the alert-cost run.
+pub const BENCH_RULES: &str = r#"
+[[alert]]
+name = "cpu-hot"
+metric = "cpu"
+above = 90.0
+for = "3m"
+[[alert]]
+name = "cpu-spike"
+metric = "cpu"
+aggregate = "max"
+above = 99.0
+for = "1m"
+[[alert]]
+name = "cpu-pinned"
+metric = "cpu"
+aggregate = "min"
+above = 80.0
+for = "10m"
+[[alert]]
+name = "cpu-idle"
+metric = "cpu"
+below = 1.0
+for = "5m"
+[[alert]]
+name = "ram-high"
+metric = "ram"
+above = 90.0
+for = "5m"
+[[alert]]
+name = "ram-low"
+metric = "ram"
+aggregate = "min"
+below = 5.0
+for = "2m"
+[[alert]]
+name = "fleet-cpu-p95"
+metric = "cpu"
+fleet = "p95"
+above = 95.0
+for = "3m"
+[[alert]]
+name = "fleet-ram-avg"
+metric = "ram"
+fleet = "avg"
+above = 80.0
+for = "5m"
+[[alert]]
+name = "server-silent"
+silent_for = "30s"
+[[alert]]
+name = "server-gone"
+silent_for = "5m"
+"#;
+
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub records: u64,
@@ -84,6 +155,7 @@ pub struct BenchReport {
     pub jobs: Vec<JobRun>,
     pub bad_only: BadOnlyRun,
     pub big: BigMessagesRun,
+    pub alerts: AlertCostRun,
     pub steady_rate_records_per_second: f64,
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
@@ -185,6 +257,54 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             / (letters as f64 / 1e6),
     };
 
+    // Alert rules: the same recent records with and without them.
+    let alert_count = (args.records / 2).max(1);
+    eprintln!("bench: job 1x1 on {alert_count} recent records, without and with {} alert rules", rule_count());
+    let alert_topic = KafkaArgs { topic: format!("{}_alerts", kafka.topic), ..kafka.clone() };
+    runtime.block_on(crate::kafka::admin::create_topic(&alert_topic.clone().into(), 4, 1))?;
+    // Ending about now: the rules keep only the last hour.
+    let span_ms = (alert_count / u64::from(args.servers.max(1))) as i64 * 10_000;
+    let recent = crate::record::format_micros((now_ms() - span_ms) * 1000);
+    crate::loadgen::produce(&loadgen(alert_topic.clone(), alert_count, None, Some(recent)), &AtomicBool::new(false))?;
+    let rules_file = std::env::temp_dir().join(format!("fleetflow-bench-rules-{}.toml", std::process::id()));
+    std::fs::write(&rules_file, BENCH_RULES)?;
+    let rules_path = rules_file.display().to_string();
+    let mut alert_runs = Vec::new();
+    for (i, flags) in [vec![], vec!["--config", rules_path.as_str()]].into_iter().enumerate() {
+        let db = fresh_database(&runtime, &args.database.database_url, &format!("bench_alerts_{i}_{stamp}"))?;
+        let mut extra = vec!["--exit-when-idle", "1s"];
+        extra.extend(flags);
+        let finished = run_job(&alert_topic, &db, "1x1", &extra, None)?;
+        let rows: u64 = finished.iter().map(|f| f.rows_written).sum();
+        if rows != alert_count {
+            bail!("job 1x1 wrote {rows} rows of the alert run, expected {alert_count}");
+        }
+        let alerts = runtime.block_on(async {
+            let client = crate::sink::connect(&db).await?;
+            let n: i64 = client.query_one("SELECT count(*) FROM alerts", &[]).await?.get(0);
+            Ok::<_, anyhow::Error>(n)
+        })?;
+        let f = &finished[0];
+        alert_runs.push((
+            rows as f64 / f.active_seconds.max(1e-9),
+            f.cpu_seconds.unwrap_or(0.0) / (rows as f64 / 1e6),
+            f.peak_rss_mib.unwrap_or(0.0),
+            alerts,
+        ));
+    }
+    let _ = std::fs::remove_file(&rules_file);
+    let alerts = AlertCostRun {
+        records: alert_count,
+        rules: rule_count(),
+        without_rows_per_second: alert_runs[0].0,
+        with_rows_per_second: alert_runs[1].0,
+        without_cpu_seconds_per_million: alert_runs[0].1,
+        with_cpu_seconds_per_million: alert_runs[1].1,
+        without_peak_rss_mib: alert_runs[0].2,
+        with_peak_rss_mib: alert_runs[1].2,
+        alerts: alert_runs[1].3,
+    };
+
     let big_count = (args.records / 300).clamp(200, 3_000);
     let big = big_messages_run(&runtime, &kafka, &args.database.database_url, stamp, big_count)?;
 
@@ -218,10 +338,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         jobs,
         bad_only,
         big,
+        alerts,
         steady_rate_records_per_second: steady_rate,
         latency_p50_ms: p50,
         latency_p99_ms: p99,
     })
+}
+
+fn rule_count() -> usize {
+    BENCH_RULES.matches("[[alert]]").count()
 }
 
 /// The report as an aligned table.
@@ -267,6 +392,21 @@ pub fn table(r: &BenchReport) -> String {
         g.peak_rss_mib,
         g.bound_mib,
         g.peak_rss_mib / g.bound_mib * 100.0
+    );
+    let a = &r.alerts;
+    out += &format!(
+        "1x1    {} recent records, alert rules: none {:.0} rows/s, {:.2} cpu s/M, peak RSS {:.0} MiB; \
+         {} rules {:.0} rows/s ({:.0}%), {:.2} cpu s/M, peak RSS {:.0} MiB; {} alerts\n",
+        a.records,
+        a.without_rows_per_second,
+        a.without_cpu_seconds_per_million,
+        a.without_peak_rss_mib,
+        a.rules,
+        a.with_rows_per_second,
+        a.with_rows_per_second / a.without_rows_per_second.max(1e-9) * 100.0,
+        a.with_cpu_seconds_per_million,
+        a.with_peak_rss_mib,
+        a.alerts
     );
     if r.steady_rate_records_per_second > 0.0 {
         out += &format!(

@@ -122,6 +122,11 @@ pub struct TopicConfig {
     pub metadata_interval: Duration,
 }
 
+/// The longest `--alert-lateness`.
+pub const MAX_ALERT_LATENESS: Duration = Duration::from_secs(3600);
+/// The longest `--alert-resend-interval`.
+pub const MAX_ALERT_RESEND_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// `fleetflow run`, checked: everything a process of the job needs to know.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobConfig {
@@ -181,6 +186,25 @@ impl JobConfig {
             return Err(ConfigError::MessageBytesAboveCeiling(args.max_message_bytes));
         }
         let addresses = cluster_addresses(&args)?;
+        if args.alert_resend_interval.is_zero() {
+            return Err(ConfigError::Zero("--alert-resend-interval"));
+        }
+        // Each server keeps the longest `for` plus the lateness of minutes in memory, and
+        // Alertmanager holds a firing alert for four resend intervals: both stay bounded.
+        if args.alert_lateness > MAX_ALERT_LATENESS {
+            return Err(ConfigError::Alerts(format!(
+                "--alert-lateness {} is longer than the most a server's window keeps ({})",
+                humantime::format_duration(args.alert_lateness),
+                humantime::format_duration(MAX_ALERT_LATENESS)
+            )));
+        }
+        if args.alert_resend_interval > MAX_ALERT_RESEND_INTERVAL {
+            return Err(ConfigError::Alerts(format!(
+                "--alert-resend-interval {} is longer than {}: Alertmanager would keep a resolved alert firing that long",
+                humantime::format_duration(args.alert_resend_interval),
+                humantime::format_duration(MAX_ALERT_RESEND_INTERVAL)
+            )));
+        }
         if let Some(url) = &args.alertmanager_url {
             crate::alerts::alertmanager::Alertmanager::new(url, args.alert_resend_interval)
                 .map_err(|e| ConfigError::Alerts(e.to_string()))?;
@@ -189,9 +213,6 @@ impl JobConfig {
                     "--alertmanager-url is set but the config file has no [[alert]] rules".into(),
                 ));
             }
-        }
-        if args.alert_resend_interval.is_zero() {
-            return Err(ConfigError::Zero("--alert-resend-interval"));
         }
         Ok(JobConfig {
             alerts: crate::alerts::AlertConfig {
@@ -436,6 +457,19 @@ mod tests {
             let err = JobConfig::from_args(run_args(&[flag, "0"])).unwrap_err();
             assert_eq!(err.to_string(), line);
         }
+    }
+
+    #[test]
+    fn alert_windows_that_would_grow_without_bound_are_refused() {
+        let err = JobConfig::from_args(run_args(&["--alert-lateness", "2h"])).unwrap_err();
+        assert_eq!(err.to_string(), "--alert-lateness 2h is longer than the most a server's window keeps (1h)");
+        let err = JobConfig::from_args(run_args(&["--alert-resend-interval", "100000000h"])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--alert-resend-interval 11407years")
+                && err.to_string().contains("longer than 1h"),
+            "{err}"
+        );
+        assert!(JobConfig::from_args(run_args(&["--alert-lateness", "1h", "--alert-resend-interval", "1h"])).is_ok());
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     let landmarks = Arc::new(Landmarks::default());
     let reader = KafkaSource::open(ctx, (index, peers), &starts, &checked, landmarks.clone())?;
     // The alert rules' dataflow comes before the ingest dataflow, on every worker.
-    let (mut alerts, alert_tap) = match WorkerAlerts::start(worker, config, &ctx.runtime)? {
+    let (mut alerts, alert_tap) = match WorkerAlerts::start(worker, config, generation, &ctx.runtime)? {
         Some((alerts, tap)) => (Some(alerts), Some(tap)),
         None => (None, None),
     };
@@ -96,7 +96,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     let mut ingest = Ingest::new(worker, settings, reader, committer, make_writer, observer);
     while !ctx.shutdown.load(Ordering::Relaxed) {
         if let Some(alerts) = &mut alerts {
-            alerts.turn();
+            alerts.turn(fleetflow_dataflows::source::PartitionReader::at_end(ingest.reader()));
         }
         if ingest.turn(worker).map_err(|stop| anyhow::anyhow!(stop.0))? == Turn::Idle {
             break;

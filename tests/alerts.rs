@@ -174,6 +174,11 @@ fn a_hot_server_fires_once_and_resolves_once_late_data_changes_the_outcome_and_s
     for (k, cpu) in [(0, 95.0), (1, 50.0), (2, 95.0), (3, 95.0), (4, 10.0), (5, 10.0)] {
         records.extend(minute(k, cpu, "late"));
     }
+    // "join": two alerts, hot 0-2 and hot 4-6 with 7 the newest; a late report will make
+    // the cool minute 3 hot and join them into one, still firing.
+    for (k, cpu) in [(0, 95.0), (1, 95.0), (2, 95.0), (3, 50.0), (4, 95.0), (5, 95.0), (6, 95.0), (7, 40.0)] {
+        records.extend(minute(k, cpu, "join"));
+    }
     // "fresh" reports now (not silent); "warm" never breaches.
     records.push(("fresh", now - 1_000, 20.0));
     for k in 0..6 {
@@ -186,30 +191,43 @@ fn a_hot_server_fires_once_and_resolves_once_late_data_changes_the_outcome_and_s
 
     let hot = cpu_hot_rows(&stack);
     let one_episode = (base + MINUTE_MS, Some(base + 4 * MINUTE_MS));
-    assert_eq!(hot, BTreeSet::from([("hot".to_owned(), one_episode.0, one_episode.1)]));
+    assert_eq!(
+        hot,
+        BTreeSet::from([
+            ("hot".to_owned(), one_episode.0, one_episode.1),
+            ("join".to_owned(), base, Some(base + 3 * MINUTE_MS)),
+            ("join".to_owned(), base + 4 * MINUTE_MS, None),
+        ])
+    );
     assert_eq!(hot, expected_cpu_hot(&stack));
     let silent: BTreeSet<String> =
         alert_rows(&stack).into_iter().filter(|r| r.0 == "server-silent" && r.3.is_none()).map(|r| r.1).collect();
-    assert_eq!(silent, ["hot", "late", "warm"].map(String::from).into(), "fresh reported a second ago");
+    assert_eq!(silent, ["hot", "join", "late", "warm"].map(String::from).into(), "fresh reported a second ago");
     assert_alertmanager_agrees(&am, &stack);
 
     // Late reports make the cool minute 1 of "late" hot (average (4 x 50 + 3 x 190) / 7 = 110):
     // minutes 0-3 are a run now.
     let late_minute = base + MINUTE_MS;
+    let join_minute = base + 3 * MINUTE_MS;
     send(
         &stack,
         &[
             ("late", late_minute + 1_000, 190.0),
             ("late", late_minute + 2_000, 190.0),
             ("late", late_minute + 3_000, 190.0),
+            ("join", join_minute + 1_000, 190.0),
+            ("join", join_minute + 2_000, 190.0),
+            ("join", join_minute + 3_000, 190.0),
         ],
     );
     let mut second = Job::start(&stack, "second", 1, 1, &[&config[..], &["--exit-when-idle", "2s"]].concat());
     second.wait_success(Duration::from_secs(90));
     let hot = cpu_hot_rows(&stack);
     assert!(hot.contains(&("late".to_owned(), base, Some(base + 4 * MINUTE_MS))), "{hot:?}");
+    // The resolved and the firing alert of "join" became one alert, still firing.
+    assert!(hot.contains(&("join".to_owned(), base, None)), "{hot:?}");
     assert_eq!(hot, expected_cpu_hot(&stack));
-    assert_eq!(hot.len(), 2, "the restart repeated nothing: {hot:?}");
+    assert_eq!(hot.len(), 3, "the restart repeated nothing: {hot:?}");
 
     // "fresh" reports again; "hot" reports now: its silence ends, exactly once.
     send(&stack, &[("hot", fleetflow::record::now_ms(), 10.0)]);
@@ -229,7 +247,8 @@ fn a_hot_server_fires_once_and_resolves_once_late_data_changes_the_outcome_and_s
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.starts_with("rule,server,state,started,resolved,value,labels\n"), "{text}");
     assert_eq!(text.lines().count(), 1 + firing_rows(&stack).len(), "{text}");
-    assert!(!text.contains(",hot,firing") || text.contains("server-silent,hot"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("server-silent,hot,")), "hot reported again: {text}");
+    assert!(text.lines().any(|l| l.starts_with("cpu-hot,join,firing,")), "{text}");
 }
 
 #[test]

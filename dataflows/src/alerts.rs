@@ -16,11 +16,14 @@
 //!   one; a later complete minute that does not breach, or one with no report, ends it.
 //! - A **fleet rule** first reduces each minute over all servers (avg, min, max or a
 //!   quantile of the servers' values), then runs the same episodes over the fleet's minutes.
-//! - A **silence rule** needs time to pass without data, so time is an input too: worker 0
-//!   feeds a one-record clock collection, and a server whose newest report is older than
-//!   `silent_for` by that clock (but seen within `forget_after`) is silent. The clock is
-//!   data rather than the dataflow's timestamps, so closing the inputs at shutdown does not
-//!   make every server look silent.
+//! - A **silence rule** needs time to pass without data, so time is an input too: every
+//!   worker feeds its own clock record, moved to the wall clock only while it has read its
+//!   partitions to the end, and the fleet's clock is the least of them once every worker has
+//!   fed one. A server whose newest report is older than `silent_for` by that clock (but
+//!   seen within `forget_after`) is silent. So a job working through a backlog (after a
+//!   restart, or behind the producers) judges silence only as far as it has read, instead
+//!   of finding every server silent; and the clock is data rather than the dataflow's
+//!   timestamps, so closing the inputs at shutdown does not make every server look silent.
 //!
 //! The output, a collection of [`Episode`]s keyed by (rule, server), is gathered on worker 0
 //! and handed out per completed timestamp ([`AlertFeeder::changes`]). Because the
@@ -239,8 +242,8 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// Whether an alert can need the clock (a silence rule): then worker 0 feeds it.
-    fn needs_clock(&self) -> bool {
+    /// Whether an alert can need the clock (a silence rule): then every worker feeds it.
+    pub fn needs_clock(&self) -> bool {
         self.rules.iter().any(|r| matches!(r.condition, Condition::Silent { .. }))
     }
 }
@@ -314,10 +317,15 @@ pub struct AlertFeeder {
     minutes: InputSession<u64, (String, (i64, u32, MinuteRow)), isize>,
     /// This worker's index: its parts of a minute are its own.
     worker: u32,
-    clock: InputSession<u64, u64, isize>,
-    /// Worker 0 feeds the clock; every worker advances it.
+    /// This worker's clock record: (worker, ms), moved only while it is caught up.
+    clock: InputSession<u64, (u32, u64), isize>,
+    /// With silence rules every worker feeds its clock; every worker advances it anyway.
     feeds_clock: bool,
     clock_value: Option<u64>,
+    /// On worker 0: the dataflow time at which the fleet's clock first existed.
+    clock_started: Rc<std::cell::Cell<Option<u64>>>,
+    /// The wall clock of the last tick: rows of servers forgotten by then are not taken.
+    now_ms: u64,
     window: HashMap<String, BTreeMap<i64, MinuteRow>>,
     probe: ProbeHandle<u64>,
     output: Rc<RefCell<Vec<Update>>>,
@@ -329,13 +337,39 @@ pub struct AlertFeeder {
 impl AlertFeeder {
     /// Builds the alert dataflow on `worker` (every worker must, in the same order as its
     /// other dataflows). Nothing is fed yet: [`load`](Self::load) the durable window first.
-    pub fn build(worker: &mut Worker, rules: Arc<Rules>) -> AlertFeeder {
+    /// `now_ms`: the wall clock at start.
+    pub fn build(worker: &mut Worker, rules: Arc<Rules>, now_ms: u64) -> AlertFeeder {
         let output = Rc::new(RefCell::new(Vec::new()));
         let probe = ProbeHandle::new();
-        let feeds_clock = worker.index() == 0 && rules.needs_clock();
+        let feeds_clock = rules.needs_clock();
+        let peers = worker.peers();
+        let clock_started = Rc::new(std::cell::Cell::new(None));
         let (minutes, clock) = worker.dataflow::<u64, _, _>(|scope| {
             let (minutes_input, parts) = scope.new_collection::<(String, (i64, u32, MinuteRow)), isize>();
-            let (clock_input, clock) = scope.new_collection::<u64, isize>();
+            let (clock_input, worker_clocks) = scope.new_collection::<(u32, u64), isize>();
+            // The fleet's clock: the least of the workers' clocks, once every worker fed one.
+            let clock = worker_clocks
+                .map(|(worker, ms)| ((), (worker, ms)))
+                .reduce(move |_, clocks: &[(&(u32, u64), isize)], out| {
+                    let mut workers: Vec<u32> = clocks.iter().map(|((w, _), _)| *w).collect();
+                    workers.dedup();
+                    if workers.len() == peers {
+                        let least = clocks.iter().map(|((_, ms), _)| *ms).min().expect("every worker fed one");
+                        out.push((least, 1isize));
+                    }
+                })
+                .map(|((), ms)| ms);
+            let started = clock_started.clone();
+            clock
+                .inner
+                .clone()
+                .exchange(|_| 0)
+                .inspect(move |(_, time, diff)| {
+                    if *diff > 0 && started.get().is_none_or(|t| *time < t) {
+                        started.set(Some(*time));
+                    }
+                })
+                .probe_with(&probe);
             // Each worker feeds its own part of a minute (records are routed by message key,
             // which need not be the serverId): the parts add up here.
             let minutes = parts
@@ -463,6 +497,8 @@ impl AlertFeeder {
             clock,
             feeds_clock,
             clock_value: None,
+            clock_started,
+            now_ms,
             window: HashMap::new(),
             probe,
             output,
@@ -477,8 +513,16 @@ impl AlertFeeder {
     }
 
     /// Adds what a transaction committed (or, at start, what is durable) for one server's
-    /// minute. Minutes older than the window behind the server's newest are ignored.
+    /// minute. Minutes older than the window behind the server's newest are ignored, and so
+    /// are the reports of a server not seen within `forget_after` (a backfill of old data
+    /// raises no alert, as a restart, which reloads only servers seen within it, would not).
     pub fn apply(&mut self, server: &str, minute: i64, row: &MinuteRow) {
+        let forget_before_us = (self.now_ms.saturating_sub(self.rules.forget_after_ms) as i64).saturating_mul(1000);
+        let seen_us = self.window.get(server).and_then(|m| m.last_key_value()).map_or(i64::MIN, |(_, r)| r.last_us);
+        if row.last_us.max(seen_us) < forget_before_us {
+            self.ignored_late += 1;
+            return;
+        }
         let window_us = i64::from(self.rules.window_minutes.max(1)) * MINUTE_US;
         let minutes = match self.window.get_mut(server) {
             Some(minutes) => minutes,
@@ -505,11 +549,13 @@ impl AlertFeeder {
         }
     }
 
-    /// Moves time on: the dataflow's timestamp (milliseconds, non-decreasing), the clock
-    /// (seconds resolution), and every few seconds forgets servers not heard from for
-    /// `forget_after`.
-    pub fn tick(&mut self, now_ms: u64) {
+    /// Moves time on: the dataflow's timestamp (milliseconds, non-decreasing), this worker's
+    /// clock (seconds resolution) when `caught_up` (it has read its partitions to the end;
+    /// otherwise its clock stays where it was), and every few seconds forgets servers not
+    /// heard from for `forget_after`.
+    pub fn tick(&mut self, now_ms: u64, caught_up: bool) {
         let now_ms = now_ms.max(*self.minutes.time());
+        self.now_ms = self.now_ms.max(now_ms);
         if now_ms.saturating_sub(self.last_sweep_ms) >= 5_000 {
             self.last_sweep_ms = now_ms;
             let forget_before_us = (now_ms.saturating_sub(self.rules.forget_after_ms) as i64).saturating_mul(1000);
@@ -525,13 +571,13 @@ impl AlertFeeder {
                 false
             });
         }
-        if self.feeds_clock {
+        if self.feeds_clock && caught_up {
             let second = now_ms / 1000 * 1000;
             if self.clock_value != Some(second) {
                 if let Some(old) = self.clock_value.replace(second) {
-                    self.clock.update(old, -1);
+                    self.clock.update((self.worker, old), -1);
                 }
-                self.clock.update(second, 1);
+                self.clock.update((self.worker, second), 1);
             }
         }
         // Time moves in tenths of a second: fewer distinct timestamps, less work per step.
@@ -547,6 +593,16 @@ impl AlertFeeder {
     /// Whether everything fed at or before `time` has been evaluated, on every worker.
     pub fn evaluated_through(&self, time: u64) -> bool {
         !self.probe.less_equal(&time)
+    }
+
+    /// Whether the durable state loaded at start has been fully evaluated: every rule's
+    /// episodes stand as they will after a restart. With silence rules that takes the
+    /// fleet's clock, which exists once every worker has caught up with its partitions.
+    pub fn rebuilt(&self) -> bool {
+        if !self.evaluated_through(0) {
+            return false;
+        }
+        !self.feeds_clock || self.clock_started.get().is_some_and(|t| self.evaluated_through(t))
     }
 
     /// Whether everything fed before the current time has been evaluated, on every worker.
@@ -704,16 +760,19 @@ mod tests {
 
     /// Runs `steps` on one worker: each step feeds rows (server, minute, cpu) at a clock
     /// time (ms) and returns the episodes after it (accumulated), per (rule name, server).
-    fn run(steps: Vec<(u64, Vec<(&'static str, i64, f64)>)>) -> Vec<Vec<(String, String, Episode)>> {
+    /// (clock ms, rows (server, minute, cpu) fed at it).
+    type Step = (u64, Vec<(&'static str, i64, f64)>);
+
+    fn run(steps: Vec<Step>) -> Vec<Vec<(String, String, Episode)>> {
         timely::execute_directly(move |worker| {
-            let mut feeder = AlertFeeder::build(worker, rules());
+            let mut feeder = AlertFeeder::build(worker, rules(), 0);
             let mut state: BTreeMap<(AlertKey, Episode), isize> = BTreeMap::new();
             let mut seen = Vec::new();
             for (now_ms, rows) in steps {
                 for (server, minute, cpu) in rows {
                     feeder.apply(server, minute * M, &row(cpu, minute * M + 1));
                 }
-                feeder.tick(now_ms);
+                feeder.tick(now_ms, true);
                 while !feeder.caught_up() {
                     worker.step();
                 }
@@ -816,15 +875,60 @@ mod tests {
     #[test]
     fn minutes_older_than_the_window_are_ignored_and_forgotten() {
         timely::execute_directly(|worker| {
-            let mut feeder = AlertFeeder::build(worker, rules());
+            let mut feeder = AlertFeeder::build(worker, rules(), 0);
             feeder.apply("a", 20 * M, &row(1.0, 20 * M));
             feeder.apply("a", 5 * M, &row(1.0, 5 * M));
             assert_eq!(feeder.ignored_late, 1);
             feeder.apply("a", 31 * M, &row(1.0, 31 * M));
             assert_eq!(feeder.held(), (1, 1), "minute 20 fell out of the 10-minute window");
             // An hour and more later by the clock, the server is forgotten.
-            feeder.tick((31 * 60_000 + 3_600_001) as u64);
+            feeder.tick((31 * 60_000 + 3_600_001) as u64, true);
             assert_eq!(feeder.held(), (0, 0));
+            // Reports older than that are not taken at all (a backfill raises no alert).
+            feeder.apply("b", 20 * M, &row(99.0, 20 * M));
+            assert_eq!((feeder.held(), feeder.ignored_late), ((0, 0), 2));
+        });
+    }
+
+    /// Steps the worker until everything fed is evaluated; returns the silent servers.
+    fn silent_now(worker: &mut Worker, feeder: &mut AlertFeeder, silent: &mut BTreeMap<String, isize>) -> Vec<String> {
+        while !feeder.caught_up() {
+            worker.step();
+        }
+        for (_, changes) in feeder.changes() {
+            for (key, _, diff) in changes.into_iter().filter(|c| c.0 .0 == 1) {
+                *silent.entry(key.1).or_default() += diff;
+            }
+        }
+        silent.retain(|_, d| *d != 0);
+        silent.keys().cloned().collect()
+    }
+
+    #[test]
+    fn a_worker_behind_its_partitions_holds_the_clock_so_a_backlog_raises_no_silence() {
+        timely::execute_directly(|worker| {
+            let mut feeder = AlertFeeder::build(worker, rules(), 0);
+            let mut silent = BTreeMap::new();
+            // Reloaded at start: a and b last reported at minute 10.
+            feeder.apply("a", 10 * M, &row(1.0, 10 * M));
+            feeder.apply("b", 10 * M, &row(1.0, 10 * M));
+            // Five minutes later by the wall clock, still reading the backlog: no clock yet.
+            let later = (15 * 60_000) as u64;
+            feeder.tick(later, false);
+            assert!(silent_now(worker, &mut feeder, &mut silent).is_empty());
+            assert!(!feeder.rebuilt(), "silence rules are not evaluated before the clock exists");
+            // The backlog brings a up to date; then the worker reaches the end of its partitions.
+            feeder.apply("a", 14 * M, &row(1.0, 15 * M - 10_000_000));
+            feeder.tick(later + 200, false);
+            assert!(silent_now(worker, &mut feeder, &mut silent).is_empty());
+            feeder.tick(later + 400, true);
+            assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["b".to_owned()]);
+            assert!(feeder.rebuilt());
+            // Behind again (a burst): the clock stays, and what fired stays fired.
+            feeder.tick(later + 120_000, false);
+            assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["b".to_owned()]);
+            feeder.tick(later + 121_000, true);
+            assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["a".to_owned(), "b".to_owned()]);
         });
     }
 }

@@ -58,6 +58,14 @@ pub fn summary(rules: &AlertRules, index: usize) -> String {
     }
 }
 
+/// What must be equal in every process: the rules as evaluated.
+fn fingerprint(alerts: &AlertConfig) -> u64 {
+    use std::hash::Hasher;
+    let mut hash = fnv::FnvHasher::default();
+    hash.write(format!("{:?} {:?}", alerts.rules, alerts.lateness).as_bytes());
+    hash.finish()
+}
+
 /// A worker's share of the alert evaluation.
 pub struct WorkerAlerts {
     feeder: AlertFeeder,
@@ -74,17 +82,30 @@ impl WorkerAlerts {
     ///
     /// No writer of the job may commit before worker 0 has read the window (it would be
     /// counted twice), so every worker waits here for worker 0's word.
+    ///
+    /// Every process must run the same rules (they build the same dataflows): a process
+    /// whose rules differ from process 0's stops here with one line.
     pub fn start(
         worker: &mut Worker,
         config: &JobConfig,
+        generation: i64,
         runtime: &tokio::runtime::Handle,
     ) -> anyhow::Result<Option<(WorkerAlerts, AlertTap)>> {
         let alerts = &config.alerts;
+        let mine = fingerprint(alerts);
+        match fleetflow_dataflows::from_first_worker::from_first_worker(worker, Some(mine)) {
+            Some(first) if first == mine => {}
+            Some(_) => anyhow::bail!(
+                "this process's alert rules (its --config [[alert]] tables and --alert-lateness) differ from process \
+                 0's; start every process of the job with the same ones"
+            ),
+            None => anyhow::bail!("worker 0 did not say which alert rules it runs"),
+        }
         if alerts.rules.is_empty() {
             return Ok(None);
         }
         let rules: Arc<Rules> = Arc::new(alerts.rules.evaluated(alerts.lateness));
-        let mut feeder = AlertFeeder::build(worker, rules.clone());
+        let mut feeder = AlertFeeder::build(worker, rules.clone(), now_ms().max(0) as u64);
         let loaded = (worker.index() == 0).then(|| {
             let started = std::time::Instant::now();
             let result = runtime.block_on(async {
@@ -123,6 +144,8 @@ impl WorkerAlerts {
                 runtime,
                 SinkSettings {
                     database_url: config.database.url.clone(),
+                    topic: config.kafka.topic.clone(),
+                    generation,
                     names: alerts.rules.rules.iter().map(|r| r.name.clone()).collect(),
                     labels: alerts.rules.labels.clone(),
                     summaries: (0..alerts.rules.rules.len()).map(|i| summary(&alerts.rules, i)).collect(),
@@ -137,15 +160,16 @@ impl WorkerAlerts {
         Ok(Some((WorkerAlerts { feeder, committed, sink, rebuilt: false }, tap)))
     }
 
-    /// Feeds what the writers committed since the last turn, moves the clock, and hands
+    /// Feeds what the writers committed since the last turn, moves time (and, when
+    /// `caught_up` — this worker read its partitions to the end — its clock), and hands
     /// worker 0's finished changes to the sink. Call every turn of the worker loop.
-    pub fn turn(&mut self) {
+    pub fn turn(&mut self, caught_up: bool) {
         while let Ok(minutes) = self.committed.try_recv() {
             for (server, minute, row) in &minutes {
                 self.feeder.apply(server, *minute, row);
             }
         }
-        self.feeder.tick(now_ms().max(0) as u64);
+        self.feeder.tick(now_ms().max(0) as u64, caught_up);
         self.deliver();
     }
 
@@ -154,7 +178,7 @@ impl WorkerAlerts {
         for (_, changes) in self.feeder.changes() {
             let _ = sink.send(SinkMessage::Changes(changes));
         }
-        if !self.rebuilt && self.feeder.evaluated_through(0) {
+        if !self.rebuilt && self.feeder.rebuilt() {
             self.rebuilt = true;
             let _ = sink.send(SinkMessage::Rebuilt);
         }
@@ -164,7 +188,9 @@ impl WorkerAlerts {
     /// closes the inputs, waits until every worker closed theirs, and on worker 0 waits
     /// (at most `limit`) until the sink wrote and sent everything.
     pub fn finish(mut self, worker: &mut Worker, limit: Duration) {
-        self.turn();
+        // The clock stays where the last turn left it: a shutdown in a backlog must not
+        // make the servers not read yet look silent.
+        self.turn(false);
         let deadline = std::time::Instant::now() + limit;
         let WorkerAlerts { feeder, committed: _, sink, .. } = self;
         let mut closed: ClosedFeeder = feeder.close();

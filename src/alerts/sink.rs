@@ -59,6 +59,9 @@ pub enum SinkMessage {
 #[derive(Clone, Debug)]
 pub struct SinkSettings {
     pub database_url: String,
+    /// The job's topic and fencing generation: every write checks the job still holds it.
+    pub topic: String,
+    pub generation: i64,
     /// Per rule index: its name, its labels (the user's) and a one-line summary.
     pub names: Vec<String>,
     pub labels: Vec<BTreeMap<String, String>>,
@@ -92,46 +95,56 @@ async fn run(settings: SinkSettings, mut rx: mpsc::UnboundedReceiver<SinkMessage
     let mut waiting: Vec<std::sync::mpsc::Sender<()>> = Vec::new();
     let mut client: Option<Client> = None;
     let mut attempt = 0u32;
+    // After a failed write: when to try again, whether or not anything else arrives.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut resend = tokio::time::interval(settings.resend_interval);
     resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut open = true;
     while open || !dirty.is_empty() || sweep {
         let message = tokio::select! {
-            m = rx.recv(), if open => m,
+            m = rx.recv(), if open && retry_at.is_none() => Some(m),
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                retry_at = None;
+                None
+            }
             _ = resend.tick() => {
-                if let (Some(am), Some(c)) = (&settings.alertmanager, &client) {
-                    match recent_alerts(c, &settings).await {
+                if let Some(am) = &settings.alertmanager {
+                    match resend_recent(&mut client, &settings).await {
                         Ok(alerts) => am.send(&alerts).await,
-                        Err(e) => tracing::warn!(error = %e, "could not read the alerts to resend"),
+                        Err(e) => {
+                            client = None;
+                            tracing::warn!(error = %e, "could not read the alerts to resend");
+                        }
                     }
                 }
                 continue;
             }
         };
-        let mut next = message;
-        loop {
-            match next {
-                None => open = false,
-                Some(SinkMessage::Changes(changes)) => {
-                    for (key, episode, diff) in changes {
-                        let episodes = current.entry(key.clone()).or_default();
-                        if diff > 0 {
-                            episodes.insert(episode);
-                        } else {
-                            episodes.remove(&episode);
+        if let Some(mut next) = message {
+            loop {
+                match next {
+                    None => open = false,
+                    Some(SinkMessage::Changes(changes)) => {
+                        for (key, episode, diff) in changes {
+                            let episodes = current.entry(key.clone()).or_default();
+                            if diff > 0 {
+                                episodes.insert(episode);
+                            } else {
+                                episodes.remove(&episode);
+                            }
+                            if episodes.is_empty() {
+                                current.remove(&key);
+                            }
+                            dirty.insert(key);
                         }
-                        if episodes.is_empty() {
-                            current.remove(&key);
-                        }
-                        dirty.insert(key);
                     }
+                    Some(SinkMessage::Rebuilt) => sweep = true,
+                    Some(SinkMessage::Flush(done)) => waiting.push(done),
                 }
-                Some(SinkMessage::Rebuilt) => sweep = true,
-                Some(SinkMessage::Flush(done)) => waiting.push(done),
-            }
-            match rx.try_recv() {
-                Ok(m) => next = Some(m),
-                Err(_) => break,
+                match rx.try_recv() {
+                    Ok(m) => next = Some(m),
+                    Err(_) => break,
+                }
             }
         }
         if dirty.is_empty() && !sweep {
@@ -150,14 +163,29 @@ async fn run(settings: SinkSettings, mut rx: mpsc::UnboundedReceiver<SinkMessage
                     let _ = w.send(());
                 });
             }
+            Err(SinkError::Fenced(line)) => crate::exit::exit_with(crate::exit::Exit::Fenced, &line),
             Err(e) => {
                 client = None;
                 tracing::warn!(error = %e, attempt, "could not write the alerts table; retrying");
-                tokio::time::sleep(crate::sink::backoff(attempt)).await;
+                retry_at = Some(tokio::time::Instant::now() + crate::sink::backoff(attempt));
                 attempt += 1;
             }
         }
     }
+}
+
+/// Connects when there is no usable connection.
+async fn connected<'a>(client: &'a mut Option<Client>, settings: &SinkSettings) -> Result<&'a mut Client, SinkError> {
+    if client.as_ref().is_none_or(Client::is_closed) {
+        *client = Some(within(settings.timeout, crate::sink::connect(&settings.database_url)).await?);
+    }
+    Ok(client.as_mut().expect("connected above"))
+}
+
+/// What Alertmanager is told again every resend interval.
+async fn resend_recent(client: &mut Option<Client>, settings: &SinkSettings) -> Result<Vec<AmAlert>, SinkError> {
+    let client = connected(client, settings).await?;
+    within(settings.timeout, recent_alerts(client, settings)).await
 }
 
 /// Writes every dirty key (and, after a start, every firing row) in one transaction.
@@ -169,11 +197,10 @@ async fn reconcile_pending(
     sweep: &mut bool,
 ) -> Result<Vec<AmAlert>, SinkError> {
     let t = settings.timeout;
-    if client.as_ref().is_none_or(Client::is_closed) {
-        *client = Some(within(t, crate::sink::connect(&settings.database_url)).await?);
-    }
-    let client = client.as_mut().expect("connected above");
+    let client = connected(client, settings).await?;
     let tx = within(t, client.transaction()).await?;
+    // A job that lost the topic to another copy must not rewrite its alerts.
+    within(t, crate::sink::fence::check(&tx, &settings.topic, settings.generation)).await?;
     let now = Utc::now();
     let mut keys = dirty.clone();
     if *sweep {
@@ -253,6 +280,14 @@ async fn reconcile(
                 start
             }
             Some(first) => {
+                // Late data joined two alerts into one: the later rows were the same alert.
+                // They go first: one of them may be the key's firing row, and the unique
+                // index allows one firing row per key when `first` becomes the firing one.
+                for merged in &overlapping[1..] {
+                    tx.execute("DELETE FROM alerts WHERE id = $1", &[&merged.id]).await?;
+                    used.insert(merged.id);
+                    changed = true;
+                }
                 let started = first.started.min(start);
                 if first.resolved != end || first.started != started {
                     changed = true;
@@ -266,12 +301,6 @@ async fn reconcile(
                 )
                 .await?;
                 used.insert(first.id);
-                // Late data joined two alerts into one: the later rows were the same alert.
-                for merged in &overlapping[1..] {
-                    tx.execute("DELETE FROM alerts WHERE id = $1", &[&merged.id]).await?;
-                    used.insert(merged.id);
-                    changed = true;
-                }
                 started
             }
         };

@@ -106,6 +106,8 @@ pub fn spawn_writer(
             watermarks: FastMap::default(),
             waiting: false,
             not_answering: false,
+            group_start: None,
+            commit_unknown: false,
         };
         while let Some(first) = rx.recv().await {
             // Epochs that queued up while the last transaction ran go into one transaction.
@@ -152,10 +154,17 @@ struct Writer {
     waiting: bool,
     /// Whether the database stopped answering this writer (see `Stats::database_not_answering`).
     not_answering: bool,
+    /// The watermarks as the current group's first attempt planned from, and whether an
+    /// attempt's commit failed without an answer (it may have committed: then its rows are
+    /// skipped by the next attempt's plan, but the alert rules must still be told of them).
+    group_start: Option<FastMap<(u16, i32), i64>>,
+    commit_unknown: bool,
 }
 
 impl Writer {
     async fn write_until_durable(&mut self, group: &[EpochWrite]) {
+        self.group_start = None;
+        self.commit_unknown = false;
         let (worker, connection) = (self.settings.worker, self.settings.connection);
         let mut attempt = 0u32;
         let mut isolate = false;
@@ -236,6 +245,14 @@ impl Writer {
             within(t, self.reconnect()).await?;
         }
         let plan = plan(group.iter().flat_map(|w| &w.batches), &self.watermarks);
+        if self.settings.alerts.is_some() && self.group_start.is_none() {
+            self.group_start = Some(self.watermarks.clone());
+        }
+        // After a commit of unknown outcome: what this group writes in all, for the rules.
+        let group_plan = match (&self.group_start, self.commit_unknown) {
+            (Some(start), true) => Some(super::watermarks::plan(group.iter().flat_map(|w| &w.batches), start)),
+            _ => None,
+        };
         let started = std::time::Instant::now();
         let settings = &self.settings;
         let client = self.client.as_mut().expect("connected above");
@@ -308,18 +325,24 @@ impl Writer {
             within(t, audit(&tx, run, settings.worker, &batches)).await?;
         }
         // What the alert rules read: the rows this transaction writes (folded before the
-        // commit, while the rows are borrowed; handed over only once it committed).
+        // commit, while the rows are borrowed; handed over only once it committed), and
+        // after a commit of unknown outcome also the rows that one wrote. (With
+        // --dedup natural-key those are not known here; the next start reloads them.)
         let committed_minutes = settings.alerts.as_ref().map(|tap| {
             if settings.natural_key {
                 tap.fold(&inserted)
             } else {
-                tap.fold(plan.batches.iter().flatten().filter(written).filter_map(|env| match &env.item {
+                let batches = group_plan.as_ref().map_or(&plan.batches, |p| &p.batches);
+                tap.fold(batches.iter().flatten().filter(written).filter_map(|env| match &env.item {
                     Item::Metric(m) => Some(m),
                     Item::DeadLetter(_) => None,
                 }))
             }
         });
-        within(t, tx.commit()).await?;
+        if let Err(e) = within(t, tx.commit()).await {
+            self.commit_unknown = true;
+            return Err(e);
+        }
         if let (Some(tap), Some(minutes)) = (&settings.alerts, committed_minutes) {
             tap.send(minutes);
         }
