@@ -7,7 +7,10 @@
 #
 # Env: FLEETFLOW_CACHE (default /var/cache/fleetflow as root, else ~/.cache/fleetflow), FLEETFLOW_PG_PORT (default 55432),
 #      FLEETFLOW_PG_DATA (default $FLEETFLOW_CACHE/pgdata-$PORT),
-#      FLEETFLOW_PG_PRELOAD (default timescaledb; applies when the data dir is created).
+#      FLEETFLOW_PG_PRELOAD (default timescaledb; applies when the data dir is created),
+#      FLEETFLOW_PG_LISTEN (default 127.0.0.1; another address also lets in, without a
+#      password, clients on the networks the server is directly on: for test hosts on a
+#      private bridge, as tests/across_hosts.rs makes; applies when the data dir is created).
 set -euo pipefail
 
 # As root the cache lives under /var/cache: the postgres user cannot enter /root.
@@ -17,6 +20,7 @@ PORT="${FLEETFLOW_PG_PORT:-55432}"
 DATA="${FLEETFLOW_PG_DATA:-$CACHE/pgdata-$PORT}"
 # Tests set it empty to get a server on which timescaledb cannot be enabled.
 PRELOAD="${FLEETFLOW_PG_PRELOAD-timescaledb}"
+LISTEN="${FLEETFLOW_PG_LISTEN:-127.0.0.1}"
 BIN="$PREFIX/usr/lib/postgresql/17/bin"
 PG_USER=postgres
 
@@ -98,7 +102,7 @@ up() {
     as_pg "$BIN/initdb" -D "$DATA" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null \
       || die "initdb failed"
     cat >> "$DATA/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
+listen_addresses = '$LISTEN'
 port = $PORT
 unix_socket_directories = '$DATA'
 shared_preload_libraries = '$PRELOAD'
@@ -108,6 +112,7 @@ max_prepared_transactions = 64
 shared_buffers = 512MB
 max_wal_size = 4GB
 CONF
+    [ "$LISTEN" = 127.0.0.1 ] || echo "host all all samenet trust" >>"$DATA/pg_hba.conf"
   fi
   as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -t 60 start >/dev/null \
     || die "PostgreSQL did not start; see $DATA/server.log"
@@ -119,7 +124,7 @@ down() {
   as_pg "$BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
 }
 
-url() { echo "postgres://postgres@127.0.0.1:$PORT/postgres"; }
+url() { echo "postgres://postgres@$LISTEN:$PORT/postgres"; }
 
 # psql from the same packages, for the demo and for analysts: scripts/timescaledb.sh psql -c '...'
 psql_() { install; "$BIN/psql" "$(url)" "$@"; }

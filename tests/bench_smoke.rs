@@ -53,6 +53,13 @@ fn bench_runs_and_reports_non_zero_figures() {
     assert_eq!(report["big"]["messages"], 200, "{report}");
     let big = &report["big"];
     assert!(big["peak_rss_mib"].as_f64().unwrap() > 1.0 && big["bound_mib"].as_f64().unwrap() > 64.0, "{report}");
+    // The same recent records without and with ten alert rules.
+    let alerts = &report["alerts"];
+    assert_eq!((alerts["records"].as_u64(), alerts["rules"].as_u64()), (Some(10_000), Some(10)), "{report}");
+    for key in ["without_rows_per_second", "with_rows_per_second", "without_peak_rss_mib", "with_peak_rss_mib"] {
+        assert!(alerts[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+    assert!(stdout.contains("10 rules"), "{stdout}");
     assert!(report["latency_p99_ms"].as_u64().unwrap() >= report["latency_p50_ms"].as_u64().unwrap());
     assert!(report["latency_p50_ms"].as_u64().unwrap() > 0, "{report}");
 }

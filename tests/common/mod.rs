@@ -54,6 +54,8 @@ pub struct Broker {
     pub addr: String,
     dir: PathBuf,
     sqlite: bool,
+    /// A command the broker runs under (`ip netns exec HOST`: a host of its own).
+    prefix: Vec<String>,
 }
 
 impl Broker {
@@ -66,8 +68,22 @@ impl Broker {
     }
 
     fn launch(dir: &Path, sqlite: bool) -> Broker {
+        let mut broker = Broker {
+            child: None,
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir: dir.to_owned(),
+            sqlite,
+            prefix: vec![],
+        };
+        broker.restart();
+        broker
+    }
+
+    /// An in-memory broker listening on `addr`, run under `prefix` (e.g. in a network
+    /// namespace of its own).
+    pub fn start_under(dir: &Path, addr: &str, prefix: &[String]) -> Broker {
         let mut broker =
-            Broker { child: None, addr: format!("127.0.0.1:{}", free_port()), dir: dir.to_owned(), sqlite };
+            Broker { child: None, addr: addr.to_owned(), dir: dir.to_owned(), sqlite: false, prefix: prefix.to_vec() };
         broker.restart();
         broker
     }
@@ -88,7 +104,15 @@ impl Broker {
         // nisshi resolves sqlite paths relative to its working directory.
         let storage = if self.sqlite { "sqlite://broker.db" } else { "memory://nisshi/" };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("broker.log")).unwrap();
-        let child = Command::new(&binary)
+        let mut command = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let child = command
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
             .current_dir(&self.dir)
             .stdout(log.try_clone().unwrap())
