@@ -46,6 +46,10 @@ use timely::worker::Worker;
 /// A minute, in microseconds.
 pub const MINUTE_US: i64 = 60_000_000;
 
+/// The resolution of the dataflow's time (ms): what is fed within one tick is evaluated
+/// together.
+pub const TICK_MS: u64 = 1_000;
+
 /// The key of [`FLEET`] rules' episodes in place of a server id (server ids are never empty).
 pub const FLEET: &str = "";
 
@@ -385,18 +389,32 @@ impl AlertFeeder {
                 })
                 .map(|((server, minute), row)| (server, (minute, row)));
 
-            // Per (rule, server), each minute's value of the rule.
-            let threshold_rules = rules.clone();
-            let server_series = minutes.clone().flat_map(move |(server, (minute, row))| {
-                let mut out = Vec::new();
-                for (i, rule) in threshold_rules.rules.iter().enumerate() {
-                    if let Condition::Threshold { metric, aggregate, fleet: None, .. } = rule.condition {
-                        let value = row.aggs.get(metric).and_then(|a| a.value(aggregate)).map(Num);
-                        out.push(((i as u16, server.clone()), (minute, value)));
+            // Per server, the episodes of every per-server threshold rule: one evaluation
+            // per changed server (not one per rule), over one arrangement of its minutes.
+            let server_rules = rules.clone();
+            let window_us = i64::from(rules.window_minutes.max(1)) * MINUTE_US;
+            let server_episodes = minutes
+                .clone()
+                .reduce(move |_, minutes: &[(&(i64, MinuteRow), isize)], out| {
+                    // Parts of old minutes may linger on a worker that saw no newer data.
+                    let newest = minutes.last().map_or(0, |((m, _), _)| *m);
+                    let window: Vec<&(i64, MinuteRow)> =
+                        minutes.iter().map(|(m, _)| *m).filter(|(m, _)| *m >= newest - window_us).collect();
+                    for (i, rule) in server_rules.rules.iter().enumerate() {
+                        let Condition::Threshold { metric, aggregate, fleet: None, compare, for_minutes } =
+                            rule.condition
+                        else {
+                            continue;
+                        };
+                        let series = window
+                            .iter()
+                            .map(|(minute, row)| (*minute, row.aggs.get(metric).and_then(|a| a.value(aggregate))));
+                        for episode in threshold_episodes(compare, for_minutes, series) {
+                            out.push(((i as u16, episode), 1isize));
+                        }
                     }
-                }
-                out
-            });
+                })
+                .map(|(server, (rule, episode))| ((rule, server), episode));
             // Per (rule, minute), every server's value; then one value per minute of the fleet.
             let fleet_rules = rules.clone();
             let fleet_values = minutes.clone().flat_map(move |(_, (minute, row))| {
@@ -430,8 +448,8 @@ impl AlertFeeder {
 
             let episode_rules = rules.clone();
             let window_minutes = rules.window_minutes.max(1);
-            let threshold_episodes = server_series.concat(fleet_series).reduce(
-                move |&(rule, _): &AlertKey, minutes: &[(&(i64, Option<Num>), isize)], out| {
+            let fleet_episodes =
+                fleet_series.reduce(move |&(rule, _): &AlertKey, minutes: &[(&(i64, Option<Num>), isize)], out| {
                     let Condition::Threshold { compare, for_minutes, .. } =
                         episode_rules.rules[rule as usize].condition
                     else {
@@ -447,8 +465,7 @@ impl AlertFeeder {
                     for episode in threshold_episodes(compare, for_minutes, series) {
                         out.push((episode, 1));
                     }
-                },
-            );
+                });
 
             // Silence: each server's newest report against the clock.
             let silence_rules = rules.clone();
@@ -476,7 +493,8 @@ impl AlertFeeder {
             );
 
             let sink = output.clone();
-            threshold_episodes
+            server_episodes
+                .concat(fleet_episodes)
                 .concat(silent)
                 .consolidate()
                 .inner
@@ -580,8 +598,10 @@ impl AlertFeeder {
                 self.clock.update((self.worker, second), 1);
             }
         }
-        // Time moves in tenths of a second: fewer distinct timestamps, less work per step.
-        let time = now_ms / 100 * 100;
+        // Time moves in whole seconds: every reduction runs once per changed key and
+        // timestamp, so coarse timestamps let a burst of commits to a server's minutes
+        // cost one evaluation instead of one per transaction (rules read whole minutes).
+        let time = now_ms / TICK_MS * TICK_MS;
         if time > *self.minutes.time() {
             self.minutes.advance_to(time);
             self.clock.advance_to(time);
@@ -807,8 +827,8 @@ mod tests {
         let clock = 10 * 60_000;
         let seen = run(vec![
             (clock, vec![("a", 0, 95.0), ("a", 1, 95.0), ("a", 2, 95.0)]),
-            (clock + 100, vec![("a", 3, 95.0)]),
-            (clock + 200, vec![("a", 4, 20.0), ("a", 5, 20.0)]),
+            (clock + 1_000, vec![("a", 3, 95.0)]),
+            (clock + 2_000, vec![("a", 4, 20.0), ("a", 5, 20.0)]),
         ]);
         let hot: Vec<_> =
             seen.iter().map(|s| names(s).into_iter().filter(|n| n.0 == "cpu-hot").collect::<Vec<_>>()).collect();
@@ -826,7 +846,7 @@ mod tests {
                 vec![("a", 0, 95.0), ("a", 1, 95.0), ("a", 2, 50.0), ("a", 3, 95.0), ("a", 4, 50.0), ("a", 5, 50.0)],
             ),
             // Minute 2 gets a late, very hot report: its average goes above 90.
-            (clock + 100, vec![("a", 2, 190.0)]),
+            (clock + 1_000, vec![("a", 2, 190.0)]),
         ]);
         assert!(names(&seen[0]).iter().all(|n| n.0 != "cpu-hot"));
         assert!(names(&seen[1]).contains(&("cpu-hot", "a", Some(4))), "{:?}", seen[1]);
@@ -919,9 +939,9 @@ mod tests {
             assert!(!feeder.rebuilt(), "silence rules are not evaluated before the clock exists");
             // The backlog brings a up to date; then the worker reaches the end of its partitions.
             feeder.apply("a", 14 * M, &row(1.0, 15 * M - 10_000_000));
-            feeder.tick(later + 200, false);
+            feeder.tick(later + 1_000, false);
             assert!(silent_now(worker, &mut feeder, &mut silent).is_empty());
-            feeder.tick(later + 400, true);
+            feeder.tick(later + 2_000, true);
             assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["b".to_owned()]);
             assert!(feeder.rebuilt());
             // Behind again (a burst): the clock stays, and what fired stays fired.
