@@ -331,9 +331,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         database_ceiling_rows_per_second: db_ceiling,
         database_ceiling_connections: args.db_connections,
         database_ceiling_cpu_seconds_per_million: ceiling_cpu,
-        consumer_settings: crate::kafka::consumer::CONSUMER_TUNING
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+        consumer_settings: crate::kafka::consumer::consumer_tuning(1)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
             .collect(),
         jobs,
         bad_only,
@@ -463,9 +463,9 @@ fn big_messages_run(
         bail!("job 1x2 handled {handled} of {messages} large messages");
     }
     let seconds = finished.iter().map(|f| f.active_seconds).fold(0.0, f64::max);
-    let kib = |key: &str| {
-        crate::kafka::consumer::CONSUMER_TUNING.iter().find(|(k, _)| *k == key).and_then(|(_, v)| v.parse::<f64>().ok())
-    };
+    // The 1x2 job's two consumers share the process's budget.
+    let tuning = crate::kafka::consumer::consumer_tuning(2);
+    let kib = |key: &str| tuning.iter().find(|(k, _)| *k == key).and_then(|(_, v)| v.parse::<f64>().ok());
     let per_worker_mib = kib("queued.max.messages.kbytes").unwrap_or(65536.0) / 1024.0
         + kib("fetch.max.bytes").unwrap_or(52_428_800.0) / 1048576.0;
     let defaults = crate::cli::RunArgs::default_max_bytes_in_flight() as f64 / 1048576.0;
@@ -481,7 +481,7 @@ fn big_messages_run(
 
 fn kafka_ceiling(kafka: &KafkaArgs, expected: u64) -> anyhow::Result<f64> {
     let starts: Vec<(i32, StartOffset)> = (0..4).map(|p| (p, StartOffset::Earliest)).collect();
-    let mut reader = PartitionReader::open(&kafka.clone().into(), "fleetflow-bench", &starts)?;
+    let mut reader = PartitionReader::open(&kafka.clone().into(), "fleetflow-bench", 1, &starts)?;
     let started = Instant::now();
     let mut read = 0u64;
     while read < expected {

@@ -21,22 +21,29 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{client_config, KafkaError};
 use crate::config::KafkaConfig;
 
-/// Throughput and memory settings of the job's consumers (the user's `-X` options still
-/// win), each with its reason.
-pub const CONSUMER_TUNING: &[(&str, &str)] = &[
-    // A deeper prefetch queue than librdkafka's default (100k messages) keeps a worker fed
-    // between polls while it decodes; the byte bound below is what limits memory.
-    ("queued.min.messages", "200000"),
-    // ... but bounded in bytes (librdkafka's default is 64 MiB per consumer), so large
-    // messages cannot fill memory before the job's own in-flight bound applies.
-    ("queued.max.messages.kbytes", "32768"),
-    // One fetch response may carry up to 16 MiB (default 50 MiB): the prefetch bound above
-    // holds per fetch, too.
-    ("fetch.max.bytes", "16777216"),
-    // Per partition and fetch (default 1 MiB): fewer round trips while a partition has a
-    // backlog, still below the fetch bound.
-    ("max.partition.fetch.bytes", "8388608"),
-];
+/// Throughput and memory settings of the job's consumers for a process of `workers` worker
+/// threads (the user's `-X` options still win), each with its reason. The byte settings are
+/// a budget of the process, shared by its workers' consumers, so a process does not grow
+/// with its worker count.
+pub fn consumer_tuning(workers: usize) -> Vec<(&'static str, String)> {
+    let share = |process_total: usize, floor: usize| (process_total / workers.max(1)).max(floor).to_string();
+    vec![
+        // A deeper prefetch queue than librdkafka's default (100k messages) keeps a worker
+        // fed between polls while it decodes; the byte bound below is what limits memory.
+        ("queued.min.messages", "200000".into()),
+        // ... but bounded in bytes (librdkafka's default is 64 MiB per consumer; what it
+        // holds in memory is about twice the payload it counts), so large messages cannot
+        // fill memory before the job's own in-flight bound applies: 16 MiB per process (the
+        // benchmark read as fast as with 32 MiB per worker).
+        ("queued.max.messages.kbytes", share(16 * 1024, 4 * 1024)),
+        // One fetch response may carry half that (default 50 MiB): the prefetch bound above
+        // holds per fetch, too.
+        ("fetch.max.bytes", share(8 << 20, 2 << 20)),
+        // Per partition and fetch (default 1 MiB): fewer round trips while a partition has a
+        // backlog, still below the fetch bound.
+        ("max.partition.fetch.bytes", share(4 << 20, 1 << 20)),
+    ]
+}
 
 /// Where a partition starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,9 +84,16 @@ pub struct PartitionReader {
 
 impl PartitionReader {
     /// Opens a consumer assigned to `starts` (partition, where to begin).
-    pub fn open(kafka: &KafkaConfig, group: &str, starts: &[(i32, StartOffset)]) -> Result<Self, KafkaError> {
+    /// `workers`: how many workers of this process read (they share its memory budget).
+    pub fn open(
+        kafka: &KafkaConfig,
+        group: &str,
+        workers: usize,
+        starts: &[(i32, StartOffset)],
+    ) -> Result<Self, KafkaError> {
+        let tuning = consumer_tuning(workers);
         let consumer: BaseConsumer<ReaderContext> =
-            client_config(kafka, &reader_settings(group)).create_with_context(ReaderContext::default())?;
+            client_config(kafka, &reader_settings(group, &tuning)).create_with_context(ReaderContext::default())?;
         consumer.assign(&assignment_of(&kafka.topic, starts)?)?;
         let partitions: Vec<i32> = starts.iter().map(|(p, _)| *p).collect();
         Ok(PartitionReader {
@@ -231,7 +245,7 @@ impl PartitionReader {
 }
 
 /// The settings of the job's consumers (the user's `-X` options still win).
-fn reader_settings(group: &str) -> Vec<(&str, &str)> {
+fn reader_settings<'a>(group: &'a str, tuning: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
     let mut settings: Vec<(&str, &str)> = vec![
         // Only where committed offsets are mirrored (for lag tools); partitions are assigned
         // explicitly, so the group never rebalances the job.
@@ -253,7 +267,7 @@ fn reader_settings(group: &str) -> Vec<(&str, &str)> {
         // moves past the commit markers, so lag and committed offsets reach the end.
         ("isolation.level", "read_committed"),
     ];
-    settings.extend_from_slice(CONSUMER_TUNING);
+    settings.extend(tuning.iter().map(|(k, v)| (*k, v.as_str())));
     settings
 }
 
@@ -316,8 +330,10 @@ mod tests {
 
     #[test]
     fn the_reader_reads_committed_records_and_never_stores_offsets_itself() {
-        let settings = reader_settings("g");
+        let tuning = consumer_tuning(3);
+        let settings = reader_settings("g", &tuning);
         let get = |key: &str| settings.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v);
+        assert_eq!(get("queued.max.messages.kbytes"), Some("5461"), "a third of 16 MiB per worker");
         assert_eq!(get("isolation.level"), Some("read_committed"));
         assert_eq!(get("enable.auto.commit"), Some("false"));
         assert_eq!(get("enable.auto.offset.store"), Some("false"));
@@ -328,5 +344,14 @@ mod tests {
             config.set(*k, *v);
         }
         assert!(config.create::<BaseConsumer>().is_ok());
+    }
+
+    #[test]
+    fn the_consumers_of_a_process_share_its_memory_budget_down_to_a_floor() {
+        let kbytes = |workers| consumer_tuning(workers).into_iter().find(|(k, _)| *k == "queued.max.messages.kbytes");
+        assert_eq!(kbytes(1).unwrap().1, "16384");
+        assert_eq!(kbytes(2).unwrap().1, "8192");
+        assert_eq!(kbytes(8).unwrap().1, "4096", "not below the floor");
+        assert_eq!(kbytes(0).unwrap().1, "16384", "no division by zero");
     }
 }

@@ -40,7 +40,7 @@ impl<'a> KafkaSource<'a> {
         checked: &TopicCheck,
         landmarks: Arc<Landmarks>,
     ) -> anyhow::Result<Self> {
-        let consumer = Consumer::open(&ctx.config.kafka, &ctx.config.group, starts)?;
+        let consumer = Consumer::open(&ctx.config.kafka, &ctx.config.group, ctx.config.cluster.workers, starts)?;
         let mut offsets = OffsetWatch::default();
         for (p, s) in starts {
             offsets.add(*p, if let StartOffset::At(o) = s { Some(*o) } else { None });
