@@ -26,15 +26,21 @@ $bin migrate
 before=$(sql -Atc "SELECT count(*) FROM metrics")
 
 logs=target/demo && mkdir -p "$logs"
+# Waits until PORT on 127.0.0.1 answers; shows LOG and stops if PID died first.
+wait_for() {
+  local port=$1 pid=$2 log=$3
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "nothing answers on 127.0.0.1:$port; see $log" >&2; exit 1
+}
 echo "== starting the HTTP ingest gateway on 127.0.0.1:58080"
 FLEETFLOW_LOG=info $bin gateway --listen 127.0.0.1:58080 2>"$logs/gateway.log" &
 gateway=$!
 trap 'kill $gateway 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  (exec 3<>/dev/tcp/127.0.0.1/58080) 2>/dev/null && break
-  kill -0 $gateway 2>/dev/null || { cat "$logs/gateway.log" >&2; exit 1; }
-  sleep 0.1
-done
+wait_for 58080 $gateway "$logs/gateway.log"
 
 echo "== $SERVERS simulated servers send $RECORDS records through the gateway"
 $bin loadgen --count "$RECORDS" --servers "$SERVERS" --gateway http://127.0.0.1:58080 --bad-fraction 0.001
@@ -46,11 +52,7 @@ printf 'route:\n  receiver: none\n  group_wait: 1s\nreceivers:\n  - name: none\n
   --web.listen-address=127.0.0.1:59093 --cluster.listen-address= >"$logs/alertmanager.log" 2>&1 &
 alertmanager=$!
 trap 'kill $gateway $alertmanager 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  (exec 3<>/dev/tcp/127.0.0.1/59093) 2>/dev/null && break
-  kill -0 $alertmanager 2>/dev/null || { cat "$logs/alertmanager.log" >&2; exit 1; }
-  sleep 0.1
-done
+wait_for 59093 $alertmanager "$logs/alertmanager.log"
 
 echo "== running the job: 2 processes x 2 workers, alert rules from scripts/demo-alerts.toml"
 # The local broker keeps its topics in memory: after it restarts, the topic is new while the

@@ -62,14 +62,17 @@ const QUOTE_BYTES: usize = 64;
 /// Crosses worker boundaries (timely serializes it with bincode), so it is a plain struct.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Metric {
-    pub server_id: String,
+    pub server_id: Name,
     /// Microseconds since the Unix epoch (PostgreSQL's own resolution).
     pub time_us: i64,
     pub cpu: Option<f64>,
     pub ram: Option<f64>,
     /// Every other numeric field of the report, in the order it arrived.
-    pub extra: Vec<(String, f64)>,
+    pub extra: Vec<(Name, f64)>,
 }
+
+/// A server id or a field name: short strings, kept inline (no allocation) up to 24 bytes.
+pub type Name = compact_str::CompactString;
 
 /// Why a message could not become a [`Metric`]. The `Display` text is what lands in the
 /// dead-letter table; [`DecodeError::kind`] is a short stable label for counters.
@@ -173,7 +176,7 @@ impl Default for Limits {
 ///                Some(1_700_000_000_000), 1_700_000_000_000, &Limits::default()).unwrap();
 /// assert_eq!(m.server_id, "s17");
 /// assert_eq!(m.cpu, Some(45.0));
-/// assert_eq!(m.extra, vec![("disk".to_string(), 3.5)]);
+/// assert_eq!(m.extra, vec![("disk".into(), 3.5)]);
 /// ```
 pub fn decode(
     value: &[u8],
@@ -242,7 +245,7 @@ impl<'de> Deserialize<'de> for ServerIdOnly<'de> {
                     if key == "serverId" {
                         // The same visitor as decode's, so both see the same serverId.
                         id = match map.next_value::<FieldValue>()? {
-                            FieldValue::Text(s) => Some(Cow::Owned(s)),
+                            FieldValue::Text(s) => Some(Cow::Owned(s.into_string())),
                             _ => None,
                         };
                     } else {
@@ -259,7 +262,7 @@ impl<'de> Deserialize<'de> for ServerIdOnly<'de> {
 /// A field value as seen by the visitor, before validation.
 enum FieldValue {
     Number(f64),
-    Text(String),
+    Text(Name),
     Other(&'static str),
 }
 
@@ -291,10 +294,10 @@ impl<'de> Deserialize<'de> for FieldValue {
                 Ok(FieldValue::Number(v as f64))
             }
             fn visit_str<E>(self, v: &str) -> Result<FieldValue, E> {
-                Ok(FieldValue::Text(v.to_owned()))
+                Ok(FieldValue::Text(Name::new(v)))
             }
             fn visit_string<E>(self, v: String) -> Result<FieldValue, E> {
-                Ok(FieldValue::Text(v))
+                Ok(FieldValue::Text(Name::from(v)))
             }
             fn visit_bool<E>(self, _: bool) -> Result<FieldValue, E> {
                 Ok(FieldValue::Other("a boolean"))
@@ -323,7 +326,7 @@ struct RawRecord {
     ram: Option<FieldValue>,
     time: Option<FieldValue>,
     /// The first [`MAX_EXTRA_FIELDS`] extra numbers (a record with more is refused anyway).
-    extra: Vec<(String, f64)>,
+    extra: Vec<(Name, f64)>,
     /// How many extra numbers the object held.
     extra_fields: usize,
 }
@@ -350,7 +353,7 @@ impl<'de> Deserialize<'de> for RawRecord {
                             if let FieldValue::Number(n) = value {
                                 r.extra_fields += 1;
                                 if r.extra.len() < MAX_EXTRA_FIELDS {
-                                    r.extra.push((key.into_owned(), n));
+                                    r.extra.push((Name::new(&key), n));
                                 }
                             }
                         }
@@ -383,14 +386,14 @@ impl RawRecord {
             return Err(DecodeError::ServerIdTooLong(server_id.len()));
         }
         if server_id.contains('\0') {
-            return Err(DecodeError::UnstorableText { what: "serverId", text: server_id });
+            return Err(DecodeError::UnstorableText { what: "serverId", text: server_id.into_string() });
         }
         // An empty key is no key (some producers send one), as in routing.
         if let Some(key) = key.filter(|k| !k.is_empty()) {
             if key != server_id.as_bytes() {
                 return Err(DecodeError::KeyMismatch {
                     key: clip(&String::from_utf8_lossy(key), MAX_SERVER_ID_BYTES),
-                    body: server_id,
+                    body: server_id.into_string(),
                 });
             }
         }
@@ -404,10 +407,10 @@ impl RawRecord {
                 return Err(DecodeError::FieldNameTooLong { name: clip(name, QUOTE_BYTES), length: name.len() });
             }
             if name.contains('\0') {
-                return Err(DecodeError::UnstorableText { what: "field name", text: name.clone() });
+                return Err(DecodeError::UnstorableText { what: "field name", text: name.to_string() });
             }
             if !v.is_finite() {
-                return Err(DecodeError::NonFinite(name.clone()));
+                return Err(DecodeError::NonFinite(name.to_string()));
             }
         }
         if cpu.is_none() && ram.is_none() && self.extra.is_empty() {
@@ -503,7 +506,7 @@ mod tests {
         let m = dec(r#"{"serverId":"s17","cpu":45,"ram":60.5,"disk":3,"host":"web-1","ts":1699999999000}"#).unwrap();
         assert_eq!(m.server_id, "s17");
         assert_eq!((m.cpu, m.ram), (Some(45.0), Some(60.5)));
-        assert_eq!(m.extra, vec![("disk".to_string(), 3.0)]);
+        assert_eq!(m.extra, vec![("disk".into(), 3.0)]);
         assert_eq!(m.time_us, 1_699_999_999_000_000);
     }
 
@@ -592,7 +595,7 @@ mod tests {
         }
         let m = dec(r#"{"serverId":"\ud83d\ude00","cpu":1,"\u00e9t\u00e9":2}"#).unwrap();
         assert_eq!(m.server_id, "\u{1F600}");
-        assert_eq!(m.extra, vec![("\u{e9}t\u{e9}".to_string(), 2.0)]);
+        assert_eq!(m.extra, vec![("\u{e9}t\u{e9}".into(), 2.0)]);
     }
 
     #[test]
@@ -700,7 +703,7 @@ mod tests {
             let mut obj = serde_json::json!({"serverId": id, "cpu": cpu, "ts": NOW - age_ms});
             if let Some(r) = ram { obj["ram"] = r.into(); }
             // Distinct keys (a map), so the expected pairs are exactly what was sent.
-            let mut expected_extra: Vec<(String, f64)> = extra.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            let mut expected_extra: Vec<(Name, f64)> = extra.iter().map(|(k, v)| (k.as_str().into(), *v)).collect();
             for (k, v) in &extra {
                 obj[k] = (*v).into();
             }

@@ -109,39 +109,11 @@ impl Drop for Hosts {
     }
 }
 
-/// The job as one process per host `hosts[first..first + processes]`, one worker each.
-fn start_job(stack: &Stack, hosts: &Hosts, first: usize, label: &str, extra: &[&str]) -> Job {
-    let processes = 3;
+/// The job as one process per host `hosts[0..3]`, one worker each.
+fn start_job(stack: &Stack, hosts: &Hosts, label: &str, extra: &[&str]) -> Job {
     let port = free_port();
-    let list: Vec<String> = (0..processes).map(|p| format!("{}:{port}", hosts.address(first + p))).collect();
-    let mut job = Job { children: vec![], logs: vec![], summaries: vec![] };
-    for p in 0..processes {
-        let log_path = stack.dir.join(format!("{label}-p{p}.log"));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let summary = stack.dir.join(format!("{label}-p{p}.summary.json"));
-        let _ = std::fs::remove_file(&summary);
-        let prefix = hosts.on(first + p);
-        let child = Command::new(&prefix[0])
-            .args(&prefix[1..])
-            .arg(env!("CARGO_BIN_EXE_fleetflow"))
-            .args(stack.run_args())
-            .args(["--workers", "1", "--processes", &processes.to_string(), "--process-id", &p.to_string()])
-            .args(["--hosts", &list.join(",")])
-            .arg("--summary-json")
-            .arg(&summary)
-            .args(extra)
-            .env("FLEETFLOW_LOG", "info")
-            .env("FLEETFLOW_REPORT_INTERVAL", "1s")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        job.children.push(child);
-        job.logs.push(log_path);
-        job.summaries.push(summary);
-    }
-    job
+    let addresses: Vec<String> = (0..3).map(|p| format!("{}:{port}", hosts.address(p))).collect();
+    Job::start_on(stack, label, &addresses, |p| hosts.on(p), 1, extra)
 }
 
 fn is_root() -> bool {
@@ -167,7 +139,7 @@ fn three_processes_on_three_hosts_lose_and_repeat_nothing_when_one_host_s_proces
 
     // Slowed down, so the kill lands mid-stream.
     let throttle = ["--epoch-records", "500", "--max-epochs-in-flight", "2"];
-    let mut first = start_job(&stack, &hosts, 0, "first", &throttle);
+    let mut first = start_job(&stack, &hosts, "first", &throttle);
     let written = stack.wait_for_rows(15_000, Duration::from_secs(180), &mut first);
     assert!(written < records, "the kill must land mid-stream ({written} rows already)");
     let stopped_on_their_own = first.crash(1, Duration::from_secs(30));
@@ -178,7 +150,7 @@ fn three_processes_on_three_hosts_lose_and_repeat_nothing_when_one_host_s_proces
     }
 
     let before_restart = stack.db.metric_rows();
-    let mut second = start_job(&stack, &hosts, 0, "second", &["--exit-when-idle", "2s"]);
+    let mut second = start_job(&stack, &hosts, "second", &["--exit-when-idle", "2s"]);
     second.wait_success(Duration::from_secs(180));
     common::assert_exactly_once(&stack, records, partitions);
     let written_second: u64 = (0..3).map(|p| second.summary(p).rows_written).sum();

@@ -136,7 +136,7 @@ mod tests {
             time_us: t,
             cpu,
             ram: Some(1.0),
-            extra: extra.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+            extra: extra.into_iter().map(|(n, v)| (n.into(), v)).collect(),
         };
         let rows = [
             m("a", 5, Some(10.0), vec![("disk", 1.0), ("disk", 3.0)]),

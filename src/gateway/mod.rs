@@ -524,7 +524,7 @@ impl Gateway {
                     ));
                 }
             }
-            valid.push((index, metric.server_id, raw));
+            valid.push((index, metric.server_id.into_string(), raw));
         }
         // Rate limits are taken only once the whole request is known to be allowed.
         if let Some(limiter) = &self.rate {

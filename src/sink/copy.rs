@@ -42,7 +42,7 @@ pub async fn copy_rows(client: &mut Client, rows: &[Envelope]) -> Result<(), Sin
 
 /// The extra numeric fields as a JSON object, serialized straight from the pairs.
 #[derive(Debug)]
-struct ExtraFields<'a>(&'a [(String, f64)]);
+struct ExtraFields<'a>(&'a [(crate::record::Name, f64)]);
 
 impl Serialize for ExtraFields<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -62,7 +62,8 @@ pub(super) async fn copy_batch(tx: &Transaction<'_>, statement: &str, batch: &[&
         let Item::Metric(m) = &env.item else { continue };
         let time = chrono::DateTime::from_timestamp_micros(m.time_us).unwrap_or_default();
         let extra = (!m.extra.is_empty()).then(|| Json(ExtraFields(&m.extra)));
-        let row: [&(dyn ToSql + Sync); 7] = [&time, &m.server_id, &m.cpu, &m.ram, &extra, &env.partition, &env.offset];
+        let server_id = m.server_id.as_str();
+        let row: [&(dyn ToSql + Sync); 7] = [&time, &server_id, &m.cpu, &m.ram, &extra, &env.partition, &env.offset];
         writer.as_mut().write(&row).await?;
     }
     writer.finish().await?;

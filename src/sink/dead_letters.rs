@@ -72,7 +72,7 @@ pub async fn copy_dead_letters(tx: &Transaction<'_>, topic: &str, rows: &[DeadLe
 /// for valid records) and the database's own words as the reason.
 pub fn rejected_row(metric: &Metric, reason: String) -> DeadLetter {
     let mut object = serde_json::Map::new();
-    object.insert("serverId".into(), metric.server_id.clone().into());
+    object.insert("serverId".into(), metric.server_id.as_str().into());
     object.insert("ts".into(), format_micros(metric.time_us).into());
     if let Some(cpu) = metric.cpu {
         object.insert("cpu".into(), cpu.into());
@@ -81,7 +81,7 @@ pub fn rejected_row(metric: &Metric, reason: String) -> DeadLetter {
         object.insert("ram".into(), ram.into());
     }
     for (name, value) in &metric.extra {
-        object.insert(name.clone(), (*value).into());
+        object.insert(name.to_string(), (*value).into());
     }
     let raw = serde_json::Value::Object(object).to_string().into_bytes();
     DeadLetter::new(None, &raw, REJECTED_BY_DATABASE, reason, Some(metric.time_us.div_euclid(1000)))

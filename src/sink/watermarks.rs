@@ -138,7 +138,7 @@ mod tests {
                     Item::DeadLetter(DeadLetter::new(None, b"{", "invalid_json", format!("r{i}"), None))
                 } else {
                     let id = format!("r{i}");
-                    Item::Metric(Metric { server_id: id, time_us: 0, cpu: Some(1.0), ram: None, extra: vec![] })
+                    Item::Metric(Metric { server_id: id.into(), time_us: 0, cpu: Some(1.0), ram: None, extra: vec![] })
                 };
                 Envelope { key_group, partition, offset, item }
             })
@@ -147,7 +147,7 @@ mod tests {
 
     fn id(env: &Envelope) -> usize {
         let tag = match &env.item {
-            Item::Metric(m) => &m.server_id,
+            Item::Metric(m) => m.server_id.as_str(),
             Item::DeadLetter(d) => &d.reason,
         };
         tag[1..].parse().unwrap()

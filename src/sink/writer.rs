@@ -460,7 +460,7 @@ fn describe(e: &SinkError) -> String {
 /// A row `INSERT_FROM_STAGING` returned, as what the rollups fold in.
 fn inserted_metric(row: &tokio_postgres::Row) -> Metric {
     Metric {
-        server_id: row.get(0),
+        server_id: row.get::<_, &str>(0).into(),
         time_us: row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros(),
         cpu: row.get(2),
         ram: row.get(3),
@@ -469,7 +469,7 @@ fn inserted_metric(row: &tokio_postgres::Row) -> Metric {
             .get::<_, Option<serde_json::Value>>(4)
             .and_then(|v| match v {
                 serde_json::Value::Object(fields) => {
-                    Some(fields.into_iter().filter_map(|(k, v)| Some((k, v.as_f64()?))).collect())
+                    Some(fields.into_iter().filter_map(|(k, v)| Some((k.into(), v.as_f64()?))).collect())
                 }
                 _ => None,
             })

@@ -39,6 +39,18 @@ pub fn script(name: &str, args: &[&str], env: &[(&str, String)]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `program` run under `prefix` (e.g. `ip netns exec HOST`), or directly when it is empty.
+pub fn command_under(prefix: &[String], program: &std::ffi::OsStr) -> Command {
+    match prefix.split_first() {
+        Some((wrapper, args)) => {
+            let mut command = Command::new(wrapper);
+            command.args(args).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A per-test directory for logs and broker state, kept after the test for inspection.
 pub fn test_dir(name: &str) -> PathBuf {
     let dir = repo().join("target").join("test-runs").join(format!("{name}-{}", std::process::id()));
@@ -104,15 +116,7 @@ impl Broker {
         // nisshi resolves sqlite paths relative to its working directory.
         let storage = if self.sqlite { "sqlite://broker.db" } else { "memory://nisshi/" };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("broker.log")).unwrap();
-        let mut command = match self.prefix.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(&binary);
-                c
-            }
-            None => Command::new(&binary),
-        };
-        let child = command
+        let child = command_under(&self.prefix, binary.as_ref())
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
             .current_dir(&self.dir)
             .stdout(log.try_clone().unwrap())
@@ -317,13 +321,27 @@ pub struct Job {
 impl Job {
     pub fn start(stack: &Stack, label: &str, processes: usize, workers: usize, extra: &[&str]) -> Job {
         let hosts: Vec<String> = (0..processes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        Job::start_on(stack, label, &hosts, |_| Vec::new(), workers, extra)
+    }
+
+    /// One process per entry of `hosts` (its timely address), each run under `prefix(p)`
+    /// (e.g. `ip netns exec HOST`, to put it on a host of its own; empty: run directly).
+    pub fn start_on(
+        stack: &Stack,
+        label: &str,
+        hosts: &[String],
+        prefix: impl Fn(usize) -> Vec<String>,
+        workers: usize,
+        extra: &[&str],
+    ) -> Job {
+        let processes = hosts.len();
         let mut job = Job { children: vec![], logs: vec![], summaries: vec![] };
         for p in 0..processes {
             let log_path = stack.dir.join(format!("{label}-p{p}.log"));
             let log = std::fs::File::create(&log_path).unwrap();
             let summary = stack.dir.join(format!("{label}-p{p}.summary.json"));
             let _ = std::fs::remove_file(&summary);
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetflow"));
+            let mut cmd = command_under(&prefix(p), env!("CARGO_BIN_EXE_fleetflow").as_ref());
             cmd.args(stack.run_args())
                 .args(["--workers", &workers.to_string(), "--processes", &processes.to_string()])
                 .args(["--process-id", &p.to_string()])
