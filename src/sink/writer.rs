@@ -35,7 +35,7 @@ use super::dead_letters::{copy_dead_letters, rejected_row, DeadLetterRow};
 use super::rollups::RollupDelta;
 use super::watermarks::{load_watermarks, plan, raise_watermarks};
 use super::{backoff, connect_as, is_data_error, FastMap, SinkError};
-use crate::alerts::window::AlertTap;
+use crate::alerts::window::{AlertTap, CommittedMinutes};
 use crate::envelope::{DeadLetter, Envelope, Item};
 use crate::record::Metric;
 use crate::stats::Stats;
@@ -106,8 +106,7 @@ pub fn spawn_writer(
             watermarks: FastMap::default(),
             waiting: false,
             not_answering: false,
-            group_start: None,
-            commit_unknown: false,
+            uncertain: None,
         };
         while let Some(first) = rx.recv().await {
             // Epochs that queued up while the last transaction ran go into one transaction.
@@ -154,17 +153,17 @@ struct Writer {
     waiting: bool,
     /// Whether the database stopped answering this writer (see `Stats::database_not_answering`).
     not_answering: bool,
-    /// The watermarks as the current group's first attempt planned from, and whether an
-    /// attempt's commit failed without an answer (it may have committed: then its rows are
-    /// skipped by the next attempt's plan, but the alert rules must still be told of them).
-    group_start: Option<FastMap<(u16, i32), i64>>,
-    commit_unknown: bool,
+    /// With alert rules: what an attempt whose commit failed told the rules nothing of (the
+    /// minutes it wrote) and the watermarks it raised. The commit may have landed: then the
+    /// next attempt skips those rows, but the rules must still hear of them.
+    uncertain: Option<UncertainCommit>,
 }
+
+/// The minutes a commit that failed without an answer wrote, and the watermarks it raised.
+type UncertainCommit = (CommittedMinutes, FastMap<(u16, i32), i64>);
 
 impl Writer {
     async fn write_until_durable(&mut self, group: &[EpochWrite]) {
-        self.group_start = None;
-        self.commit_unknown = false;
         let (worker, connection) = (self.settings.worker, self.settings.connection);
         let mut attempt = 0u32;
         let mut isolate = false;
@@ -244,15 +243,14 @@ impl Writer {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             within(t, self.reconnect()).await?;
         }
-        let plan = plan(group.iter().flat_map(|w| &w.batches), &self.watermarks);
-        if self.settings.alerts.is_some() && self.group_start.is_none() {
-            self.group_start = Some(self.watermarks.clone());
+        // The transaction is atomic and only this writer raises these watermarks: the failed
+        // commit landed exactly when the (reloaded) watermarks hold all it raised.
+        if let (Some((minutes, raised)), Some(tap)) = (self.uncertain.take(), &self.settings.alerts) {
+            if raised.iter().all(|(key, offset)| self.watermarks.get(key).is_some_and(|w| w >= offset)) {
+                tap.send(minutes);
+            }
         }
-        // After a commit of unknown outcome: what this group writes in all, for the rules.
-        let group_plan = match (&self.group_start, self.commit_unknown) {
-            (Some(start), true) => Some(super::watermarks::plan(group.iter().flat_map(|w| &w.batches), start)),
-            _ => None,
-        };
+        let plan = plan(group.iter().flat_map(|w| &w.batches), &self.watermarks);
         let started = std::time::Instant::now();
         let settings = &self.settings;
         let client = self.client.as_mut().expect("connected above");
@@ -325,22 +323,20 @@ impl Writer {
             within(t, audit(&tx, run, settings.worker, &batches)).await?;
         }
         // What the alert rules read: the rows this transaction writes (folded before the
-        // commit, while the rows are borrowed; handed over only once it committed), and
-        // after a commit of unknown outcome also the rows that one wrote. (With
-        // --dedup natural-key those are not known here; the next start reloads them.)
+        // commit, while the rows are borrowed; handed over once it committed, or once the
+        // next attempt finds that a commit which failed without an answer landed).
         let committed_minutes = settings.alerts.as_ref().map(|tap| {
             if settings.natural_key {
                 tap.fold(&inserted)
             } else {
-                let batches = group_plan.as_ref().map_or(&plan.batches, |p| &p.batches);
-                tap.fold(batches.iter().flatten().filter(written).filter_map(|env| match &env.item {
+                tap.fold(plan.batches.iter().flatten().filter(written).filter_map(|env| match &env.item {
                     Item::Metric(m) => Some(m),
                     Item::DeadLetter(_) => None,
                 }))
             }
         });
         if let Err(e) = within(t, tx.commit()).await {
-            self.commit_unknown = true;
+            self.uncertain = committed_minutes.map(|minutes| (minutes, plan.watermarks));
             return Err(e);
         }
         if let (Some(tap), Some(minutes)) = (&settings.alerts, committed_minutes) {
