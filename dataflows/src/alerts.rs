@@ -243,6 +243,10 @@ pub struct Rules {
     pub window_minutes: u32,
     /// A server not heard from for this long is forgotten (its silence ends too).
     pub forget_after_ms: u64,
+    /// Servers one worker keeps at most: past it, a server it does not hold yet is not
+    /// evaluated (counted in [`AlertFeeder::ignored_servers`]), so a flood of new server ids
+    /// cannot grow memory without bound.
+    pub max_servers: usize,
 }
 
 impl Rules {
@@ -336,6 +340,8 @@ pub struct AlertFeeder {
     last_sweep_ms: u64,
     /// Rows for minutes older than the window: they change no alert.
     pub ignored_late: u64,
+    /// Rows of new servers refused because the worker held `Rules::max_servers` already.
+    pub ignored_servers: u64,
 }
 
 impl AlertFeeder {
@@ -522,6 +528,7 @@ impl AlertFeeder {
             output,
             last_sweep_ms: 0,
             ignored_late: 0,
+            ignored_servers: 0,
         }
     }
 
@@ -542,8 +549,13 @@ impl AlertFeeder {
             return;
         }
         let window_us = i64::from(self.rules.window_minutes.max(1)) * MINUTE_US;
+        let full = self.window.len() >= self.rules.max_servers;
         let minutes = match self.window.get_mut(server) {
             Some(minutes) => minutes,
+            None if full => {
+                self.ignored_servers += 1;
+                return;
+            }
             None => self.window.entry(server.to_owned()).or_default(),
         };
         let newest = minutes.last_key_value().map_or(minute, |(m, _)| (*m).max(minute));
@@ -769,6 +781,7 @@ mod tests {
             metrics: vec!["cpu".into()],
             window_minutes: 10,
             forget_after_ms: 3_600_000,
+            max_servers: 3,
         })
     }
 
@@ -907,6 +920,19 @@ mod tests {
             // Reports older than that are not taken at all (a backfill raises no alert).
             feeder.apply("b", 20 * M, &row(99.0, 20 * M));
             assert_eq!((feeder.held(), feeder.ignored_late), ((0, 0), 2));
+        });
+    }
+
+    #[test]
+    fn a_flood_of_new_servers_stops_at_the_bound_and_known_servers_go_on() {
+        timely::execute_directly(|worker| {
+            let mut feeder = AlertFeeder::build(worker, rules(), 0);
+            for server in ["a", "b", "c", "d", "e"] {
+                feeder.apply(server, 20 * M, &row(1.0, 20 * M));
+            }
+            assert_eq!((feeder.held(), feeder.ignored_servers), ((3, 3), 2), "three servers at most");
+            feeder.apply("a", 21 * M, &row(1.0, 21 * M));
+            assert_eq!((feeder.held(), feeder.ignored_servers), ((3, 4), 2), "a server already held goes on");
         });
     }
 

@@ -73,6 +73,8 @@ pub struct WorkerAlerts {
     /// Worker 0: the task that writes the alerts table and tells Alertmanager.
     sink: Option<tokio::sync::mpsc::UnboundedSender<SinkMessage>>,
     rebuilt: bool,
+    /// Whether the worker said it holds as many servers as it may.
+    said_full: bool,
 }
 
 impl WorkerAlerts {
@@ -157,7 +159,7 @@ impl WorkerAlerts {
         });
         let (sender, committed) = std::sync::mpsc::channel();
         let tap = AlertTap { metrics: Arc::new(rules.metrics.clone()), sender };
-        Ok(Some((WorkerAlerts { feeder, committed, sink, rebuilt: false }, tap)))
+        Ok(Some((WorkerAlerts { feeder, committed, sink, rebuilt: false, said_full: false }, tap)))
     }
 
     /// Feeds what the writers committed since the last turn, moves time (and, when
@@ -168,6 +170,14 @@ impl WorkerAlerts {
             for (server, minute, row) in &minutes {
                 self.feeder.apply(server, *minute, row);
             }
+        }
+        if self.feeder.ignored_servers > 0 && !self.said_full {
+            self.said_full = true;
+            tracing::warn!(
+                max_servers = self.feeder.rules().max_servers,
+                "alert rules: this worker holds as many servers as it may; the rules do not evaluate newer \
+                 server ids until older ones are forgotten (an hour without a report). Their rows are still written"
+            );
         }
         self.feeder.tick(now_ms().max(0) as u64, caught_up);
         self.deliver();

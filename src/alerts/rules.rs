@@ -37,6 +37,10 @@ pub const MAX_FOR_MINUTES: u32 = 60;
 /// the `silent_servers` view.
 pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
+/// Servers each worker evaluates at most (about 1 KiB of memory each with a 21-minute
+/// window): a producer inventing server ids cannot make the job run out of memory.
+pub const MAX_SERVERS_PER_WORKER: usize = 200_000;
+
 /// Label names the job sets itself.
 const RESERVED_LABELS: [&str; 3] = ["alertname", "server", "scope"];
 
@@ -90,6 +94,7 @@ impl AlertRules {
             // One more: the newest, incomplete minute.
             window_minutes: longest_for + late_minutes + 1,
             forget_after_ms: FORGET_AFTER.as_millis() as u64,
+            max_servers: MAX_SERVERS_PER_WORKER,
         }
     }
 }
