@@ -156,6 +156,8 @@ pub struct BenchReport {
     pub bad_only: BadOnlyRun,
     pub big: BigMessagesRun,
     pub alerts: AlertCostRun,
+    /// The shape of the steady-state run: the one with the best rate.
+    pub steady_shape: String,
     pub steady_rate_records_per_second: f64,
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
@@ -309,16 +311,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let big = big_messages_run(&runtime, &kafka, &args.database.database_url, stamp, big_count)?;
 
     let (mut steady_rate, mut p50, mut p99) = (0.0, 0, 0);
+    // At a fraction of the best rate, with the shape that reached it.
+    let best =
+        jobs.iter().filter(|j| j.flags.is_empty()).max_by(|a, b| a.rows_per_second.total_cmp(&b.rows_per_second));
+    let steady_shape = best.map_or_else(|| "1x1".to_owned(), |j| j.shape.clone());
     if args.latency_seconds > 0 {
-        let best = jobs.iter().filter(|j| j.flags.is_empty()).map(|j| j.rows_per_second).fold(0.0, f64::max);
-        steady_rate = (best * args.steady_fraction).max(100.0);
-        eprintln!("bench: steady state at {steady_rate:.0} records/s for {} s", args.latency_seconds);
+        steady_rate = (best.map_or(0.0, |j| j.rows_per_second) * args.steady_fraction).max(100.0);
+        eprintln!("bench: steady state {steady_shape} at {steady_rate:.0} records/s for {} s", args.latency_seconds);
         let steady_topic = KafkaArgs { topic: format!("{}_steady", kafka.topic), ..kafka.clone() };
         runtime.block_on(crate::kafka::admin::create_topic(&steady_topic.clone().into(), 4, 1))?;
         let db = fresh_database(&runtime, &args.database.database_url, &format!("bench_steady_{stamp}"))?;
         let count = (steady_rate * args.latency_seconds as f64) as u64;
         let steady = loadgen(steady_topic.clone(), count, Some(steady_rate), None);
-        let finished = run_job(&steady_topic, &db, "2x2", &["--epoch-interval", "50ms"], Some(&steady))?;
+        let finished = run_job(&steady_topic, &db, &steady_shape, &["--epoch-interval", "50ms"], Some(&steady))?;
         p50 = finished.iter().map(|f| f.latency_p50_ms).max().unwrap_or(0);
         p99 = finished.iter().map(|f| f.latency_p99_ms).max().unwrap_or(0);
     }
@@ -339,6 +344,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         bad_only,
         big,
         alerts,
+        steady_shape,
         steady_rate_records_per_second: steady_rate,
         latency_p50_ms: p50,
         latency_p99_ms: p99,
@@ -410,8 +416,8 @@ pub fn table(r: &BenchReport) -> String {
     );
     if r.steady_rate_records_per_second > 0.0 {
         out += &format!(
-            "\nsteady state 2x2 at {:.0} records/s: produce-to-durable latency p50 {} ms, p99 {} ms\n",
-            r.steady_rate_records_per_second, r.latency_p50_ms, r.latency_p99_ms
+            "\nsteady state {} at {:.0} records/s: produce-to-durable latency p50 {} ms, p99 {} ms\n",
+            r.steady_shape, r.steady_rate_records_per_second, r.latency_p50_ms, r.latency_p99_ms
         );
     }
     out
