@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first command. On a fresh machine it installs and starts the local stack
-# (TimescaleDB + the nisshi broker; the first broker build takes about 15 minutes), builds
+# (TimescaleDB + the nisshi broker; the first broker build takes about 10 minutes), builds
 # fleetflow, creates the topic with 4 partitions, starts the HTTP gateway, sends a burst from
 # 5,000 simulated servers through it (0.1% of them malformed, which the gateway rejects), runs
 # the job as 2 processes x 2 workers until the topic is drained, with the alert rules of
