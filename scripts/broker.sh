@@ -44,9 +44,12 @@ up() {
   local engine="memory://nisshi/"
   # nisshi resolves sqlite paths relative to its working directory.
   [ "$STORAGE" = sqlite ] && engine="sqlite://broker.db"
-  (cd "$RUN" && nohup "$BINARY" broker --listener-url "tcp://127.0.0.1:$PORT" \
+  # exec: the pid recorded is the broker's own, so `down` stops the broker (it used to record
+  # a subshell's and leave the broker running).
+  (cd "$RUN" && exec nohup "$BINARY" broker --listener-url "tcp://127.0.0.1:$PORT" \
      --advertised-listener-url "tcp://127.0.0.1:$PORT" --storage-engine "$engine" \
-     >"$RUN/broker.log" 2>&1 & echo $! >"$RUN/broker.pid")
+     >"$RUN/broker.log" 2>&1) &
+  echo $! >"$RUN/broker.pid"
   for _ in $(seq 1 200); do
     listening && { echo "broker.sh: up at 127.0.0.1:$PORT ($STORAGE storage)" >&2; return 0; }
     running || die "nisshi exited; see $RUN/broker.log"
