@@ -38,7 +38,7 @@ pub fn consumer_tuning(workers: usize) -> Vec<(&'static str, String)> {
         // short queue drains within that second and the worker would idle: 1x1 read 65k
         // records/s with a 50k queue and the default, 189k with this.
         ("fetch.queue.backoff.ms", "20".into()),
-        // ... but bounded in bytes (librdkafka's default is 64 MiB per consumer; what it
+        // The queue is bounded in bytes, too (librdkafka's default is 64 MiB per consumer; what it
         // holds in memory is about twice the payload it counts), so large messages cannot
         // fill memory before the job's own in-flight bound applies: 16 MiB per process (the
         // benchmark read as fast as with 32 MiB per worker).
