@@ -52,7 +52,7 @@ pub fn consumer_tuning(workers: usize) -> Vec<(&'static str, String)> {
         // How long the broker may hold a fetch that found nothing new (default 500 ms). A
         // broker that polls its storage instead of waking on new data (nisshi sleeps half
         // the time left before it looks again) delays records by up to half of it: at 20k
-        // records/s the produce-to-durable median fell from 221 to 77-90 ms with 100 ms.
+        // records/s the produce-to-durable median fell from 221 to 66-90 ms with 100 ms.
         // Idle, it costs ten small fetches a second.
         ("fetch.wait.max.ms", "100".into()),
     ]
