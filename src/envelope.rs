@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::partitioning::{key_group, message_key_group};
-use crate::record::{DecodeError, Metric};
+use crate::record::{DecodeError, Metric, Name};
 
 /// Bytes of a dead letter's message value kept in [`DeadLetter::raw`]; its whole length and
 /// SHA-256 are kept beside them, so a dead letter costs a bounded amount of memory and
@@ -68,11 +68,10 @@ impl Envelope {
         std::mem::size_of::<Envelope>()
             + match &self.item {
                 Item::Metric(m) => {
-                    m.server_id.len()
-                        + m.extra
-                            .iter()
-                            .map(|(name, _)| name.len() + std::mem::size_of::<(String, f64)>())
-                            .sum::<usize>()
+                    // Up to four extra fields live inside the envelope (record::Extras).
+                    let spilled =
+                        if m.extra.spilled() { m.extra.capacity() * std::mem::size_of::<(Name, f64)>() } else { 0 };
+                    m.server_id.len() + spilled + m.extra.iter().map(|(name, _)| name.len()).sum::<usize>()
                 }
                 Item::DeadLetter(d) => {
                     d.raw.len()

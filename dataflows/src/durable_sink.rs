@@ -140,10 +140,17 @@ impl<'scope, R: Record> WriteDurably<'scope, R> for Stream<'scope, u64, Vec<R>> 
                         break;
                     }
                     let (epoch, (cap, records)) = entry.remove_entry();
-                    let mut parts: Vec<Vec<R>> = (0..connections).map(|_| Vec::new()).collect();
-                    for record in records {
-                        parts[key_group_connection(record.key_group(), workers, connections)].push(record);
-                    }
+                    let parts: Vec<Vec<R>> = if connections == 1 {
+                        vec![records]
+                    } else {
+                        // Sized for an even split, so the parts rarely grow (records are large).
+                        let share = records.len() / connections + 1;
+                        let mut parts: Vec<Vec<R>> = (0..connections).map(|_| Vec::with_capacity(share)).collect();
+                        for record in records {
+                            parts[key_group_connection(record.key_group(), workers, connections)].push(record);
+                        }
+                        parts
+                    };
                     let mut pending = 0;
                     for (writer, mut part) in writers.iter_mut().zip(parts) {
                         if part.is_empty() {

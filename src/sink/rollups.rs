@@ -264,7 +264,7 @@ mod tests {
     use super::*;
 
     fn m(server: &str, time_us: i64, cpu: Option<f64>, ram: Option<f64>) -> Metric {
-        Metric { server_id: server.into(), time_us, cpu, ram, extra: vec![] }
+        Metric { server_id: server.into(), time_us, cpu, ram, extra: Default::default() }
     }
 
     #[test]

@@ -100,7 +100,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn env(key_group: u16, partition: i32, offset: i64) -> Envelope {
-        let metric = Metric { server_id: "s1".into(), time_us: 0, cpu: Some(1.0), ram: None, extra: vec![] };
+        let metric =
+            Metric { server_id: "s1".into(), time_us: 0, cpu: Some(1.0), ram: None, extra: Default::default() };
         Envelope { key_group, partition, offset, item: Item::Metric(metric) }
     }
 
@@ -138,7 +139,13 @@ mod tests {
                     Item::DeadLetter(DeadLetter::new(None, b"{", "invalid_json", format!("r{i}"), None))
                 } else {
                     let id = format!("r{i}");
-                    Item::Metric(Metric { server_id: id.into(), time_us: 0, cpu: Some(1.0), ram: None, extra: vec![] })
+                    Item::Metric(Metric {
+                        server_id: id.into(),
+                        time_us: 0,
+                        cpu: Some(1.0),
+                        ram: None,
+                        extra: Default::default(),
+                    })
                 };
                 Envelope { key_group, partition, offset, item }
             })
