@@ -543,7 +543,7 @@ async fn database_ceiling(url: &str, rows: Vec<Envelope>, connections: usize) ->
 }
 
 /// Creates an empty database with the fleetflow schema next to `server_url`'s database.
-fn fresh_database(runtime: &tokio::runtime::Runtime, server_url: &str, name: &str) -> anyhow::Result<String> {
+fn fresh_database(runtime: &tokio::runtime::Runtime, server_url: &str, name: &str) -> anyhow::Result<ScratchDatabase> {
     let url = match server_url.rsplit_once('/') {
         Some((base, db)) if !base.ends_with('/') => {
             format!("{base}/{name}{}", db.find('?').map(|i| &db[i..]).unwrap_or(""))
@@ -554,11 +554,51 @@ fn fresh_database(runtime: &tokio::runtime::Runtime, server_url: &str, name: &st
         let admin = crate::sink::connect(server_url).await?;
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await?;
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-        let mut client = crate::sink::connect(&url).await?;
-        crate::sink::schema::migrate(&mut client, &url).await?;
         Ok::<_, anyhow::Error>(())
     })?;
-    Ok(url)
+    // From here on the database is dropped again whatever happens.
+    let scratch = ScratchDatabase {
+        runtime: runtime.handle().clone(),
+        server_url: server_url.to_owned(),
+        name: name.to_owned(),
+        url,
+    };
+    runtime.block_on(async {
+        let mut client = crate::sink::connect(&scratch.url).await?;
+        crate::sink::schema::migrate(&mut client, &scratch.url).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(scratch)
+}
+
+/// A database the bench made for one measurement, dropped as soon as the measurement is done.
+/// A run fills about a dozen of them with up to a million rows each, a gigabyte in all: left
+/// behind, repeated runs filled this machine's disk.
+struct ScratchDatabase {
+    runtime: tokio::runtime::Handle,
+    server_url: String,
+    name: String,
+    url: String,
+}
+
+impl std::ops::Deref for ScratchDatabase {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        let dropped = self.runtime.block_on(async {
+            let admin = crate::sink::connect(&self.server_url).await?;
+            admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await?;
+            Ok::<_, anyhow::Error>(())
+        });
+        if let Err(e) = dropped {
+            eprintln!("bench: could not drop the database {} ({e:#}); drop it by hand", self.name);
+        }
+    }
 }
 
 /// Runs the job as `shape` ("PxW") and returns each process's final summary

@@ -181,10 +181,29 @@ pub fn wait_for_port(addr: &str, timeout: Duration) {
     }
 }
 
-/// A fresh database (with timescaledb available) on the shared test server.
+/// A fresh database (with timescaledb available) on the shared test server. Dropped with the
+/// test when it passes (a suite run makes about fifty, and runs of it filled a developer's
+/// disk); kept for a look when it fails.
 pub struct Database {
     pub url: String,
     pub name: String,
+    server: String,
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // Bounded: a test may have stopped the server (or its network) already.
+        let _ = runtime().block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                let client = fleetflow::sink::connect(&self.server).await.ok()?;
+                client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await.ok()
+            })
+            .await
+        });
+    }
 }
 
 impl Database {
@@ -208,7 +227,7 @@ impl Database {
             Some((base, _)) => format!("{base}/{name}"),
             None => panic!("unexpected database URL {server}"),
         };
-        Database { url, name }
+        Database { url, name, server: server.to_owned() }
     }
 
     /// Runs statements that return nothing.
