@@ -41,9 +41,9 @@ pub async fn copy_rows(client: &mut Client, rows: &[Envelope]) -> Result<(), Sin
 }
 
 /// The extra numeric fields as a jsonb value, encoded straight from the pairs into the COPY
-/// buffer. This was serde_json through `Json`, and the per-entry serializer machinery was a
-/// tenth of the job's CPU; the output is the same JSON text, byte for byte (the unit tests
-/// compare the two).
+/// buffer. This was serde_json through `Json` (12% of a 1x1 job's profile, with the fields in
+/// a heap block of their own; 4% now, with this and `record::Extras`). The output is serde_json's
+/// JSON text, byte for byte: the unit tests compare the two.
 #[derive(Debug)]
 struct ExtraFields<'a>(&'a [(crate::record::Name, f64)]);
 
