@@ -590,6 +590,8 @@ impl std::ops::Deref for ScratchDatabase {
 
 impl Drop for ScratchDatabase {
     fn drop(&mut self) {
+        // A handle's block_on drives no tasks of its own: this relies on the bench's runtime
+        // being multi-threaded, so the connection's task runs on its workers.
         let dropped = self.runtime.block_on(async {
             let admin = crate::sink::connect(&self.server_url).await?;
             admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await?;
