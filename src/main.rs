@@ -12,6 +12,7 @@ use fleetflow::cli::{Cli, Command, TopicCommand};
 use fleetflow::exit::{self, Exit};
 
 fn main() -> ExitCode {
+    bound_malloc();
     let (kafka_from_file, alert_rules) = match load_config_file() {
         Ok(file) => file,
         Err(e) => return exit::fail(Exit::Usage, &e.to_string()),
@@ -35,6 +36,32 @@ fn main() -> ExitCode {
     }
     init_logging();
     exit::from_result(commands::dispatch(cli.command))
+}
+
+/// Bounds glibc malloc's memory before any thread starts, unless the user set the same knobs
+/// through glibc's own environment variables.
+///
+/// - At most 2 arenas (glibc's default is 8 per core): a thread that allocates while another
+///   holds an arena gets one of its own, and the timely workers, librdkafka's and tokio's
+///   threads each kept free memory of their own.
+/// - Blocks of 256 KiB and more (fetch responses, COPY buffers, epochs' vectors) are mapped
+///   and unmapped on their own: glibc's threshold otherwise rises to 32 MiB after the first
+///   large free, and such buffers then stay in the arenas.
+///
+/// Drains of 1M records, old and new binary interleaved: peak RSS 1x2 137-147 -> 117-120 MiB,
+/// 1x1 93-97 -> 84-85 MiB; the job's CPU within this machine's noise (it takes twice the page
+/// faults). One arena alone gave 107-111 MiB for 1x2 but 8-10% more CPU.
+fn bound_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for (param, value, env) in
+        [(libc::M_ARENA_MAX, 2, "MALLOC_ARENA_MAX"), (libc::M_MMAP_THRESHOLD, 256 * 1024, "MALLOC_MMAP_THRESHOLD_")]
+    {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: mallopt only changes allocator settings; it is called before any other
+            // thread exists, and a refused setting (return 0) leaves glibc's default.
+            unsafe { libc::mallopt(param, value) };
+        }
+    }
 }
 
 /// clap's error as one line naming what to fix.
