@@ -26,15 +26,13 @@ pub(super) const COPY_STAGING: &str =
 const COPY_TYPES: [Type; 7] =
     [Type::TIMESTAMPTZ, Type::TEXT, Type::FLOAT8, Type::FLOAT8, Type::JSONB, Type::INT4, Type::INT8];
 
-/// Writes metric rows with binary COPY, in batches of 1,000 and transactions of
+/// Writes metric rows with binary COPY, one COPY per transaction of
 /// `MAX_ROWS_PER_TRANSACTION`, with no bookkeeping: the database ceiling of `bench`.
 pub async fn copy_rows(client: &mut Client, rows: &[Envelope]) -> Result<(), SinkError> {
     for transaction in rows.chunks(MAX_ROWS_PER_TRANSACTION) {
         let tx = client.transaction().await?;
-        for batch in transaction.chunks(1000) {
-            let refs: Vec<&Envelope> = batch.iter().collect();
-            copy_batch(&tx, COPY_METRICS, &refs).await?;
-        }
+        let refs: Vec<&Envelope> = transaction.iter().collect();
+        copy_batch(&tx, COPY_METRICS, &refs).await?;
         tx.commit().await?;
     }
     Ok(())
@@ -87,11 +85,18 @@ fn write_json_object(pairs: &[(crate::record::Name, f64)], out: &mut BytesMut) {
     out.put_u8(b'}');
 }
 
-pub(super) async fn copy_batch(tx: &Transaction<'_>, statement: &str, batch: &[&Envelope]) -> Result<(), SinkError> {
+/// One COPY of the metric rows among `envelopes` (dead letters are skipped). One statement
+/// for all of a transaction's rows: each COPY costs a round trip and the hypertable's insert
+/// set-up.
+pub(super) async fn copy_batch(
+    tx: &Transaction<'_>,
+    statement: &str,
+    envelopes: &[&Envelope],
+) -> Result<(), SinkError> {
     let sink = tx.copy_in(statement).await?;
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     pin_mut!(writer);
-    for env in batch {
+    for env in envelopes {
         let Item::Metric(m) = &env.item else { continue };
         let time = chrono::DateTime::from_timestamp_micros(m.time_us).unwrap_or_default();
         let extra = (!m.extra.is_empty()).then(|| ExtraFields(&m.extra));

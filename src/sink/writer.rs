@@ -266,9 +266,8 @@ impl Writer {
                 write_isolating(&tx, t, copy, settings.natural_key, batch, &mut refused, &mut inserted).await?;
             }
         } else {
-            for batch in &plan.batches {
-                within(t, copy_batch(&tx, copy, batch)).await?;
-            }
+            let rows: Vec<&Envelope> = plan.batches.iter().flatten().copied().collect();
+            within(t, copy_batch(&tx, copy, &rows)).await?;
             if settings.natural_key && plan.rows > 0 {
                 inserted = within(t, tx.query(INSERT_FROM_STAGING, &[])).await?.iter().map(inserted_metric).collect();
             }
