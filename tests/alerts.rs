@@ -251,6 +251,58 @@ fn a_hot_server_fires_once_and_resolves_once_late_data_changes_the_outcome_and_s
     assert!(text.lines().any(|l| l.starts_with("cpu-hot,join,firing,")), "{text}");
 }
 
+/// A job catching up on a backlog reads it far ahead of the database (up to its in-flight
+/// bound), so when it reaches the end of its partitions the newest minutes are still on
+/// their way: the clock waits until they are durable and taken, and no server that
+/// reported a moment ago is found silent.
+#[test]
+fn a_backlog_read_ahead_of_the_database_raises_no_silence() {
+    let stack = Stack::start("alerts_backlog", 2);
+    let rules = stack.dir.join("silent.toml");
+    std::fs::write(&rules, "[[alert]]\nname = \"server-silent\"\nsilent_for = \"10m\"\n").unwrap();
+    let servers: Vec<String> = (0..100).map(|i| format!("s{i}")).collect();
+    let reports = |from_ms: i64, to_ms: i64| {
+        let mut records = Vec::new();
+        for t in (from_ms..to_ms).step_by(30_000) {
+            records.extend(servers.iter().map(|s| (s.as_str(), t, 20.0)));
+        }
+        records
+    };
+    // Twelve minutes old and more, written without rules: the next run loads these servers
+    // with their newest report 12 minutes back.
+    let now = fleetflow::record::now_ms();
+    let old = reports(now - 24 * MINUTE_MS, now - 12 * MINUTE_MS);
+    send(&stack, &old);
+    Job::start(&stack, "old", 1, 2, &["--exit-when-idle", "2s"]).wait_success(Duration::from_secs(90));
+
+    // The last twelve minutes, up to a second ago, while the rows' table is locked: the
+    // job reads all of it and reaches the end long before any of it is durable.
+    let backlog = reports(now - 12 * MINUTE_MS + 30_000, now - 1_000);
+    send(&stack, &backlog);
+    let url = stack.db.url.clone();
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let lock = std::thread::spawn(move || {
+        common::runtime().block_on(async {
+            let mut client = fleetflow::sink::connect(&url).await.unwrap();
+            let tx = client.transaction().await.unwrap();
+            tx.batch_execute("LOCK TABLE metrics IN SHARE MODE").await.unwrap();
+            locked_tx.send(()).unwrap();
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            tx.commit().await.unwrap();
+        })
+    });
+    locked.recv().unwrap();
+    let config = ["--config", rules.to_str().unwrap(), "--exit-when-idle", "2s"];
+    let mut job = Job::start(&stack, "backlog", 1, 2, &config);
+    lock.join().unwrap();
+    job.wait_success(Duration::from_secs(90));
+
+    let landed = stack.db.scalar("SELECT count(*) FROM metrics");
+    assert_eq!(landed as usize, old.len() + backlog.len(), "every report landed");
+    let silences: Vec<_> = alert_rows(&stack).into_iter().filter(|r| r.0 == "server-silent").collect();
+    assert!(silences.is_empty(), "every server reported within the last 30 s: {silences:?}");
+}
+
 #[test]
 fn a_sigkill_at_any_point_neither_loses_repeats_nor_invents_an_alert() {
     let stack = Stack::start("alerts_crash", 4);

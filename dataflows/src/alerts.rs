@@ -17,9 +17,10 @@
 //! - A **fleet rule** first reduces each minute over all servers (avg, min, max or a
 //!   quantile of the servers' values), then runs the same episodes over the fleet's minutes.
 //! - A **silence rule** needs time to pass without data, so time is an input too: every
-//!   worker feeds its own clock record, moved to the wall clock only while it has read its
-//!   partitions to the end, and the fleet's clock is the least of them once every worker has
-//!   fed one. A server whose newest report is older than `silent_for` by that clock (but
+//!   worker feeds its own clock record, moved to the wall clock only while everything its
+//!   partitions held is durable (and fed once every worker has taken what was committed
+//!   before the reading, see [`AlertFeeder::tick`]), and the fleet's clock is the least of
+//!   them once every worker has fed one. A server whose newest report is older than `silent_for` by that clock (but
 //!   seen within `forget_after`) is silent. So a job working through a backlog (after a
 //!   restart, or behind the producers) judges silence only as far as it has read, instead
 //!   of finding every server silent; and the clock is data rather than the dataflow's
@@ -330,6 +331,10 @@ pub struct AlertFeeder {
     /// With silence rules every worker feeds its clock; every worker advances it anyway.
     feeds_clock: bool,
     clock_value: Option<u64>,
+    /// A clock reading not fed yet: (the dataflow time it was taken at, its value in ms).
+    /// It waits until every worker's input has passed that time, so that every worker has
+    /// applied what its writers committed before the reading (see [`tick`](Self::tick)).
+    pending_clock: Option<(u64, u64)>,
     /// On worker 0: the dataflow time at which the fleet's clock first existed.
     clock_started: Rc<std::cell::Cell<Option<u64>>>,
     /// The wall clock of the last tick: rows of servers forgotten by then are not taken.
@@ -521,6 +526,7 @@ impl AlertFeeder {
             clock,
             feeds_clock,
             clock_value: None,
+            pending_clock: None,
             clock_started,
             now_ms,
             window: HashMap::new(),
@@ -580,9 +586,17 @@ impl AlertFeeder {
     }
 
     /// Moves time on: the dataflow's timestamp (milliseconds, non-decreasing), this worker's
-    /// clock (seconds resolution) when `caught_up` (it has read its partitions to the end;
-    /// otherwise its clock stays where it was), and every few seconds forgets servers not
-    /// heard from for `forget_after`.
+    /// clock (seconds resolution) when `caught_up`, and every few seconds forgets servers not
+    /// heard from for `forget_after`. Call it after applying what the writers committed.
+    ///
+    /// `caught_up` must mean that everything this worker's partitions held when it looked is
+    /// durable: read to the end, and every epoch it read durable (the durable frontier has
+    /// passed them, so the writers of every worker have handed their minutes over). Read to
+    /// the end is not enough: up to the in-flight bound of epochs is then still on its way to
+    /// the database, minutes of event time in a backlog, and every server in it would look
+    /// silent. Even then the reading is fed only once every worker's input has passed the
+    /// time it was taken at: another worker applies what its writer committed at its next
+    /// turn, and until then its servers' newest minutes are missing.
     pub fn tick(&mut self, now_ms: u64, caught_up: bool) {
         let now_ms = now_ms.max(*self.minutes.time());
         self.now_ms = self.now_ms.max(now_ms);
@@ -601,8 +615,7 @@ impl AlertFeeder {
                 false
             });
         }
-        if self.feeds_clock && caught_up {
-            let second = now_ms / 1000 * 1000;
+        if let Some((_, second)) = self.pending_clock.take_if(|(taken_at, _)| !self.probe.less_equal(taken_at)) {
             if self.clock_value != Some(second) {
                 if let Some(old) = self.clock_value.replace(second) {
                     self.clock.update((self.worker, old), -1);
@@ -617,6 +630,10 @@ impl AlertFeeder {
         if time > *self.minutes.time() {
             self.minutes.advance_to(time);
             self.clock.advance_to(time);
+        }
+        let second = now_ms / 1000 * 1000;
+        if self.feeds_clock && caught_up && self.pending_clock.is_none() && self.clock_value != Some(second) {
+            self.pending_clock = Some((*self.minutes.time(), second));
         }
         self.minutes.flush();
         self.clock.flush();
@@ -805,10 +822,7 @@ mod tests {
                 for (server, minute, cpu) in rows {
                     feeder.apply(server, minute * M, &row(cpu, minute * M + 1));
                 }
-                feeder.tick(now_ms, true);
-                while !feeder.caught_up() {
-                    worker.step();
-                }
+                tick_until_fed(worker, &mut feeder, now_ms);
                 for (_, changes) in feeder.changes() {
                     for (key, episode, diff) in changes {
                         *state.entry((key, episode)).or_default() += diff;
@@ -936,11 +950,28 @@ mod tests {
         });
     }
 
-    /// Steps the worker until everything fed is evaluated; returns the silent servers.
-    fn silent_now(worker: &mut Worker, feeder: &mut AlertFeeder, silent: &mut BTreeMap<String, isize>) -> Vec<String> {
+    /// Steps the worker until everything fed is evaluated.
+    fn settle(worker: &mut Worker, feeder: &AlertFeeder) {
         while !feeder.caught_up() {
             worker.step();
         }
+    }
+
+    /// A caught-up tick at `now_ms`, then the ticks that feed its clock reading (one that
+    /// moves the input past the time the reading was taken at, one that feeds it and moves
+    /// on so it is evaluated), each evaluated.
+    fn tick_until_fed(worker: &mut Worker, feeder: &mut AlertFeeder, now_ms: u64) {
+        feeder.tick(now_ms, true);
+        settle(worker, feeder);
+        for later in [TICK_MS, 2 * TICK_MS] {
+            feeder.tick(now_ms + later, false);
+            settle(worker, feeder);
+        }
+    }
+
+    /// Steps the worker until everything fed is evaluated; returns the silent servers.
+    fn silent_now(worker: &mut Worker, feeder: &mut AlertFeeder, silent: &mut BTreeMap<String, isize>) -> Vec<String> {
+        settle(worker, feeder);
         for (_, changes) in feeder.changes() {
             for (key, _, diff) in changes.into_iter().filter(|c| c.0 .0 == 1) {
                 *silent.entry(key.1).or_default() += diff;
@@ -968,12 +999,19 @@ mod tests {
             feeder.tick(later + 1_000, false);
             assert!(silent_now(worker, &mut feeder, &mut silent).is_empty());
             feeder.tick(later + 2_000, true);
+            assert!(
+                silent_now(worker, &mut feeder, &mut silent).is_empty(),
+                "the reading waits until every worker applied what was committed before it"
+            );
+            feeder.tick(later + 3_000, false);
+            assert!(silent_now(worker, &mut feeder, &mut silent).is_empty());
+            feeder.tick(later + 4_000, false);
             assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["b".to_owned()]);
             assert!(feeder.rebuilt());
             // Behind again (a burst): the clock stays, and what fired stays fired.
             feeder.tick(later + 120_000, false);
             assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["b".to_owned()]);
-            feeder.tick(later + 121_000, true);
+            tick_until_fed(worker, &mut feeder, later + 121_000);
             assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["a".to_owned(), "b".to_owned()]);
         });
     }

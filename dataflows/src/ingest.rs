@@ -142,6 +142,13 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
         self.probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
     }
 
+    /// Whether everything this worker's partitions held when it last looked is durable: read
+    /// to the end, no epoch open, and every epoch it closed behind the durable frontier (so
+    /// every worker's writer has committed its part of them).
+    pub fn caught_up(&self) -> bool {
+        self.reader.at_end() && self.source.in_epoch == 0 && self.source.closed.is_empty()
+    }
+
     /// The reader, for the caller's own checks.
     pub fn reader(&self) -> &R {
         &self.reader

@@ -163,9 +163,14 @@ impl WorkerAlerts {
     }
 
     /// Feeds what the writers committed since the last turn, moves time (and, when
-    /// `caught_up` — this worker read its partitions to the end — its clock), and hands
-    /// worker 0's finished changes to the sink. Call every turn of the worker loop.
+    /// `caught_up` — everything this worker's partitions held is durable, see
+    /// `Ingest::caught_up` — its clock), and hands worker 0's finished changes to the sink.
+    /// Call every turn of the worker loop.
     pub fn turn(&mut self, caught_up: bool) {
+        // Read before taking the commits: a clock reading of another worker is fed once this
+        // worker's time has passed it, and that must mean this worker took every commit made
+        // before the reading (AlertFeeder::tick).
+        let now = now_ms().max(0) as u64;
         while let Ok(minutes) = self.committed.try_recv() {
             for (server, minute, row) in &minutes {
                 self.feeder.apply(server, *minute, row);
@@ -179,7 +184,7 @@ impl WorkerAlerts {
                  server ids until older ones are forgotten (an hour without a report). Their rows are still written"
             );
         }
-        self.feeder.tick(now_ms().max(0) as u64, caught_up);
+        self.feeder.tick(now, caught_up);
         self.deliver();
     }
 
