@@ -20,11 +20,12 @@
 //!   worker feeds its own clock record, moved to the wall clock only while everything its
 //!   partitions held is durable (and fed once every worker has taken what was committed
 //!   before the reading, see [`AlertFeeder::tick`]), and the fleet's clock is the least of
-//!   them once every worker has fed one. A server whose newest report is older than `silent_for` by that clock (but
-//!   seen within `forget_after`) is silent. So a job working through a backlog (after a
-//!   restart, or behind the producers) judges silence only as far as it has read, instead
-//!   of finding every server silent; and the clock is data rather than the dataflow's
-//!   timestamps, so closing the inputs at shutdown does not make every server look silent.
+//!   them once every worker has fed one. A server whose newest report is older than
+//!   `silent_for` by that clock (but seen within `forget_after`) is silent. So a job working
+//!   through a backlog (after a restart, or behind the producers) judges silence only as far
+//!   as it has written, instead of finding every server silent; and the clock is data rather
+//!   than the dataflow's timestamps, so closing the inputs at shutdown does not make every
+//!   server look silent.
 //!
 //! The output, a collection of [`Episode`]s keyed by (rule, server), is gathered on worker 0
 //! and handed out per completed timestamp ([`AlertFeeder::changes`]). Because the

@@ -104,6 +104,47 @@ fn an_epoch_is_durable_only_when_every_writer_of_every_worker_reported_it() {
     });
 }
 
+/// What the alert clock relies on (`AlertFeeder::tick`): having read to the end is not being
+/// caught up while epochs are still on their way to the database.
+#[test]
+fn a_worker_is_caught_up_only_once_everything_it_read_is_durable() {
+    use crate::source::PartitionReader;
+    let (topic, db) = (FakeTopic::new(1), FakeDatabase::manual());
+    topic.produce(0, 30);
+    let (t, d) = (topic.clone(), db.clone());
+    timely::execute_directly(move |worker| {
+        let mut ingest = start(worker, settings(10, 10, 1), &t, &d, &[0]);
+        assert!(turn_until(&mut ingest, worker, 100, || d.pending().len() == 3), "pending: {:?}", d.pending());
+        turns(&mut ingest, worker, 20);
+        assert!(ingest.reader().at_end());
+        assert!(!ingest.caught_up(), "three epochs are not durable yet");
+        d.complete(0);
+        d.complete(0);
+        turns(&mut ingest, worker, 20);
+        assert!(!ingest.caught_up(), "one epoch is not durable yet");
+        d.complete(0);
+        let mut caught_up = false;
+        for _ in 0..100 {
+            ingest.turn(worker).expect("the fake reader never stops the worker");
+            caught_up |= ingest.caught_up();
+        }
+        assert!(caught_up, "everything read is durable");
+        // New records: not caught up until they are durable too.
+        t.produce(0, 5);
+        assert!(turn_until(&mut ingest, worker, 100, || d.pending().len() == 1), "pending: {:?}", d.pending());
+        turns(&mut ingest, worker, 20);
+        assert!(!ingest.caught_up());
+        d.complete_all();
+        assert!((0..100).any(|_| {
+            ingest.turn(worker).expect("the fake reader never stops the worker");
+            ingest.caught_up()
+        }));
+        assert_eq!(d.violations(), Vec::<String>::new());
+        drop(ingest);
+        crash(worker);
+    });
+}
+
 #[test]
 fn a_stuck_writer_stops_reading_at_the_in_flight_bound_and_commits_nothing() {
     let (topic, db) = (FakeTopic::new(1), FakeDatabase::manual());

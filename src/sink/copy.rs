@@ -58,7 +58,6 @@ impl ToSql for ExtraFields<'_> {
     to_sql_checked!();
 }
 
-/// `{"name":number,...}`, in the pairs' order.
 /// A `timestamptz` in PostgreSQL's binary form, straight from microseconds since the Unix
 /// epoch: chrono's encoder rebuilt its calendar base date for every row (2% of a 1x1 job's
 /// profile). Decoding bounds record times far inside the range of both.
@@ -78,6 +77,7 @@ impl ToSql for Timestamp {
     to_sql_checked!();
 }
 
+/// `{"name":number,...}`, in the pairs' order.
 fn write_json_object(pairs: &[(crate::record::Name, f64)], out: &mut BytesMut) {
     out.put_u8(b'{');
     for (i, (name, value)) in pairs.iter().enumerate() {
