@@ -96,7 +96,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     let mut ingest = Ingest::new(worker, settings, reader, committer, make_writer, observer);
     while !ctx.shutdown.load(Ordering::Relaxed) {
         if let Some(alerts) = &mut alerts {
-            alerts.turn(ingest.caught_up());
+            alerts.turn(ingest.durable_reading(now_ms().max(0) as u64));
         }
         if ingest.turn(worker).map_err(|stop| anyhow::anyhow!(stop.0))? == Turn::Idle {
             break;

@@ -17,15 +17,15 @@
 //! - A **fleet rule** first reduces each minute over all servers (avg, min, max or a
 //!   quantile of the servers' values), then runs the same episodes over the fleet's minutes.
 //! - A **silence rule** needs time to pass without data, so time is an input too: every
-//!   worker feeds its own clock record, moved to the wall clock only while everything its
-//!   partitions held is durable (and fed once every worker has taken what was committed
-//!   before the reading, see [`AlertFeeder::tick`]), and the fleet's clock is the least of
-//!   them once every worker has fed one. A server whose newest report is older than
-//!   `silent_for` by that clock (but seen within `forget_after`) is silent. So a job working
-//!   through a backlog (after a restart, or behind the producers) judges silence only as far
-//!   as it has written, instead of finding every server silent; and the clock is data rather
-//!   than the dataflow's timestamps, so closing the inputs at shutdown does not make every
-//!   server look silent.
+//!   worker feeds its own clock record, moved to the latest moment at which it had read its
+//!   partitions to the end and everything it had read by then is durable (and fed once every
+//!   worker has taken what was committed before, see [`AlertFeeder::tick`]), and the fleet's
+//!   clock is the least of them once every worker has fed one. A server whose newest report
+//!   is older than `silent_for` by that clock (but seen within `forget_after`) is silent. So
+//!   a job working through a backlog (after a restart, or behind the producers) judges
+//!   silence only as far as it has written, instead of finding every server silent; and the
+//!   clock is data rather than the dataflow's timestamps, so closing the inputs at shutdown
+//!   does not make every server look silent.
 //!
 //! The output, a collection of [`Episode`]s keyed by (rule, server), is gathered on worker 0
 //! and handed out per completed timestamp ([`AlertFeeder::changes`]). Because the
@@ -587,18 +587,18 @@ impl AlertFeeder {
     }
 
     /// Moves time on: the dataflow's timestamp (milliseconds, non-decreasing), this worker's
-    /// clock (seconds resolution) when `caught_up`, and every few seconds forgets servers not
+    /// clock (seconds resolution) to `reading`, and every few seconds forgets servers not
     /// heard from for `forget_after`. Call it after applying what the writers committed.
     ///
-    /// `caught_up` must mean that everything this worker's partitions held when it looked is
-    /// durable: read to the end, and every epoch it read durable (the durable frontier has
-    /// passed them, so the writers of every worker have handed their minutes over). Read to
-    /// the end is not enough: up to the in-flight bound of epochs is then still on its way to
-    /// the database, minutes of event time in a backlog, and every server in it would look
+    /// `reading` is the latest moment (ms) at which this worker had read its partitions to
+    /// the end and everything it had read by then is durable (`Ingest::durable_reading`):
+    /// read to the end is not enough, a backlog is read up to the in-flight bound of epochs
+    /// ahead of the database, minutes of event time, and every server in it would look
     /// silent. Even then the reading is fed only once every worker's input has passed the
-    /// time it was taken at: another worker applies what its writer committed at its next
-    /// turn, and until then its servers' newest minutes are missing.
-    pub fn tick(&mut self, now_ms: u64, caught_up: bool) {
+    /// time this tick took it at: another worker applies what its writer committed at its
+    /// next turn, and until then its servers' newest minutes are missing. `now_ms` must be
+    /// read after the durable frontier the reading relies on.
+    pub fn tick(&mut self, now_ms: u64, reading: Option<u64>) {
         let now_ms = now_ms.max(*self.minutes.time());
         self.now_ms = self.now_ms.max(now_ms);
         if now_ms.saturating_sub(self.last_sweep_ms) >= 5_000 {
@@ -632,9 +632,10 @@ impl AlertFeeder {
             self.minutes.advance_to(time);
             self.clock.advance_to(time);
         }
-        let second = now_ms / 1000 * 1000;
-        if self.feeds_clock && caught_up && self.pending_clock.is_none() && self.clock_value != Some(second) {
-            self.pending_clock = Some((*self.minutes.time(), second));
+        if let Some(second) = reading.map(|ms| ms / 1000 * 1000).filter(|_| self.feeds_clock) {
+            if self.pending_clock.is_none() && self.clock_value.is_none_or(|fed| second > fed) {
+                self.pending_clock = Some((*self.minutes.time(), second));
+            }
         }
         self.minutes.flush();
         self.clock.flush();
@@ -930,7 +931,7 @@ mod tests {
             feeder.apply("a", 31 * M, &row(1.0, 31 * M));
             assert_eq!(feeder.held(), (1, 1), "minute 20 fell out of the 10-minute window");
             // An hour and more later by the clock, the server is forgotten.
-            feeder.tick((31 * 60_000 + 3_600_001) as u64, true);
+            feeder.tick((31 * 60_000 + 3_600_001) as u64, None);
             assert_eq!(feeder.held(), (0, 0));
             // Reports older than that are not taken at all (a backfill raises no alert).
             feeder.apply("b", 20 * M, &row(99.0, 20 * M));
@@ -962,10 +963,10 @@ mod tests {
     /// moves the input past the time the reading was taken at, one that feeds it and moves
     /// on so it is evaluated), each evaluated.
     fn tick_until_fed(worker: &mut Worker, feeder: &mut AlertFeeder, now_ms: u64) {
-        feeder.tick(now_ms, true);
+        feeder.tick(now_ms, Some(now_ms));
         settle(worker, feeder);
         for later in [TICK_MS, 2 * TICK_MS] {
-            feeder.tick(now_ms + later, false);
+            feeder.tick(now_ms + later, None);
             settle(worker, feeder);
         }
     }
@@ -992,25 +993,25 @@ mod tests {
             feeder.apply("b", 10 * M, &row(1.0, 10 * M));
             // Five minutes later by the wall clock, still reading the backlog: no clock yet.
             let later = (15 * 60_000) as u64;
-            feeder.tick(later, false);
+            feeder.tick(later, None);
             assert!(silent_now(worker, &mut feeder, &mut silent).is_empty());
             assert!(!feeder.rebuilt(), "silence rules are not evaluated before the clock exists");
             // The backlog brings a up to date; then the worker reaches the end of its partitions.
             feeder.apply("a", 14 * M, &row(1.0, 15 * M - 10_000_000));
-            feeder.tick(later + 1_000, false);
+            feeder.tick(later + 1_000, None);
             assert!(silent_now(worker, &mut feeder, &mut silent).is_empty());
-            feeder.tick(later + 2_000, true);
+            feeder.tick(later + 2_000, Some(later + 2_000));
             assert!(
                 silent_now(worker, &mut feeder, &mut silent).is_empty(),
                 "the reading waits until every worker applied what was committed before it"
             );
-            feeder.tick(later + 3_000, false);
+            feeder.tick(later + 3_000, None);
             assert!(silent_now(worker, &mut feeder, &mut silent).is_empty());
-            feeder.tick(later + 4_000, false);
+            feeder.tick(later + 4_000, None);
             assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["b".to_owned()]);
             assert!(feeder.rebuilt());
             // Behind again (a burst): the clock stays, and what fired stays fired.
-            feeder.tick(later + 120_000, false);
+            feeder.tick(later + 120_000, Some(later + 2_000));
             assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["b".to_owned()]);
             tick_until_fed(worker, &mut feeder, later + 121_000);
             assert_eq!(silent_now(worker, &mut feeder, &mut silent), vec!["a".to_owned(), "b".to_owned()]);

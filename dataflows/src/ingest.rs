@@ -88,6 +88,11 @@ pub struct Ingest<R: PartitionReader, C: OffsetCommitter, O: Observer> {
     idle_since: Option<Instant>,
     backpressured_since: Option<Instant>,
     held_back: bool,
+    /// Moments (caller's ms) this worker had read its partitions to the end, with the newest
+    /// epoch then holding records it had read; oldest first, one per epoch.
+    readings: std::collections::VecDeque<(u64, u64)>,
+    /// The newest such moment whose records are all durable.
+    durable_reading: Option<u64>,
 }
 
 impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
@@ -134,6 +139,8 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
             idle_since: None,
             backpressured_since: None,
             held_back: false,
+            readings: std::collections::VecDeque::new(),
+            durable_reading: None,
         }
     }
 
@@ -142,11 +149,37 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
         self.probe.with_frontier(|f| f.first().copied().unwrap_or(u64::MAX))
     }
 
-    /// Whether everything this worker's partitions held when it last looked is durable: read
-    /// to the end, no epoch open, and every epoch it closed behind the durable frontier (so
-    /// every worker's writer has committed its part of them).
-    pub fn caught_up(&self) -> bool {
-        self.reader.at_end() && self.source.in_epoch == 0 && self.source.closed.is_empty()
+    /// The latest moment at which this worker had read its partitions to the end and
+    /// everything it had read by then is durable now (every worker's writer committed its
+    /// part): what the alert clock may move to (`AlertFeeder::tick`). Call once per turn of
+    /// the worker loop with the wall clock; `None` until such a moment exists.
+    ///
+    /// Having read to the end is not enough: a backlog is read up to the in-flight bound
+    /// ahead of the database. Nothing in flight right now is too much: under steady traffic
+    /// an epoch is almost always open, so each moment waits for its own epochs instead.
+    pub fn durable_reading(&mut self, now_ms: u64) -> Option<u64> {
+        if self.reader.at_end() {
+            // The newest epoch holding something read by now (the open one, else the newest
+            // closed one not yet durable), if any.
+            let newest = if self.source.in_epoch > 0 {
+                Some(*self.input.time())
+            } else {
+                self.source.closed.back().map(|c| c.epoch)
+            };
+            match (newest, self.readings.back_mut()) {
+                (None, _) => {
+                    self.readings.clear();
+                    self.durable_reading = Some(now_ms);
+                }
+                (Some(epoch), Some(back)) if back.0 == epoch => back.1 = now_ms,
+                (Some(epoch), _) => self.readings.push_back((epoch, now_ms)),
+            }
+        }
+        let durable = self.durable_frontier();
+        while let Some((_, at)) = self.readings.pop_front_if(|(epoch, _)| *epoch < durable) {
+            self.durable_reading = Some(at);
+        }
+        self.durable_reading
     }
 
     /// The reader, for the caller's own checks.

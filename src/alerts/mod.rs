@@ -162,14 +162,14 @@ impl WorkerAlerts {
         Ok(Some((WorkerAlerts { feeder, committed, sink, rebuilt: false, said_full: false }, tap)))
     }
 
-    /// Feeds what the writers committed since the last turn, moves time (and, when
-    /// `caught_up` — everything this worker's partitions held is durable, see
-    /// `Ingest::caught_up` — its clock), and hands worker 0's finished changes to the sink.
-    /// Call every turn of the worker loop.
-    pub fn turn(&mut self, caught_up: bool) {
-        // Read before taking the commits: a clock reading of another worker is fed once this
-        // worker's time has passed it, and that must mean this worker took every commit made
-        // before the reading (AlertFeeder::tick).
+    /// Feeds what the writers committed since the last turn, moves time and this worker's
+    /// clock (to `reading`: the latest moment everything this worker had read by then is
+    /// durable, `Ingest::durable_reading`, taken before this call), and hands worker 0's
+    /// finished changes to the sink. Call every turn of the worker loop.
+    pub fn turn(&mut self, reading: Option<u64>) {
+        // Read after the reading and before taking the commits: a clock reading of another
+        // worker is fed once this worker's time has passed it, and that must mean this
+        // worker took every commit made before the reading (AlertFeeder::tick).
         let now = now_ms().max(0) as u64;
         while let Ok(minutes) = self.committed.try_recv() {
             for (server, minute, row) in &minutes {
@@ -184,7 +184,7 @@ impl WorkerAlerts {
                  server ids until older ones are forgotten (an hour without a report). Their rows are still written"
             );
         }
-        self.feeder.tick(now, caught_up);
+        self.feeder.tick(now, reading);
         self.deliver();
     }
 
@@ -205,7 +205,7 @@ impl WorkerAlerts {
     pub fn finish(mut self, worker: &mut Worker, limit: Duration) {
         // The clock stays where the last turn left it: a shutdown in a backlog must not
         // make the servers not read yet look silent.
-        self.turn(false);
+        self.turn(None);
         let deadline = std::time::Instant::now() + limit;
         let WorkerAlerts { feeder, committed: _, sink, .. } = self;
         let mut closed: ClosedFeeder = feeder.close();
