@@ -616,13 +616,13 @@ impl AlertFeeder {
                 false
             });
         }
-        if let Some((_, second)) = self.pending_clock.take_if(|(taken_at, _)| !self.probe.less_equal(taken_at)) {
-            if self.clock_value != Some(second) {
-                if let Some(old) = self.clock_value.replace(second) {
-                    self.clock.update((self.worker, old), -1);
-                }
-                self.clock.update((self.worker, second), 1);
+        // A reading is only taken when it is newer than the clock fed (below).
+        if let Some((_, second)) = self.pending_clock.filter(|(taken_at, _)| self.evaluated_through(*taken_at)) {
+            self.pending_clock = None;
+            if let Some(old) = self.clock_value.replace(second) {
+                self.clock.update((self.worker, old), -1);
             }
+            self.clock.update((self.worker, second), 1);
         }
         // Time moves in whole seconds: every reduction runs once per changed key and
         // timestamp, so coarse timestamps let a burst of commits to a server's minutes
