@@ -25,6 +25,7 @@ use crate::kafka::source::KafkaSource;
 use crate::kafka::topic_watch::{check_topic, TopicCheck};
 use crate::record::now_ms;
 use crate::sink::offsets::{load_offsets, pin_start_offsets, Committer, CommitterSettings, Landmarks};
+use crate::sink::watermarks::FnvWatermarks;
 use crate::sink::writer::{spawn_writer, EpochWrite, WriterSettings};
 use crate::stats::Stats;
 
@@ -42,7 +43,19 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     tracing::info!(worker = index, ?partitions, ?starts, "worker starting");
     // A message read below each committed offset, stored with it (kafka::landmarks).
     let landmarks = Arc::new(Landmarks::default());
-    let reader = KafkaSource::open(ctx, (index, peers), &starts, &checked, landmarks.clone())?;
+    let mut fnv = ctx.runtime.block_on(async {
+        FnvWatermarks::load(&crate::sink::connect(&config.database.url).await?, &config.kafka.topic).await
+    })?;
+    fnv.keep_replays(
+        &starts.iter().map(|(p, s)| (*p, if let StartOffset::At(o) = s { Some(*o) } else { None })).collect::<Vec<_>>(),
+    );
+    if !fnv.is_empty() {
+        tracing::info!(
+            worker = index,
+            "replaying messages a job of a version before schema 7 wrote: each is checked against its old watermark"
+        );
+    }
+    let reader = KafkaSource::open(ctx, (index, peers), &starts, &checked, landmarks.clone(), fnv)?;
     // The alert rules' dataflow comes before the ingest dataflow, on every worker.
     let (mut alerts, alert_tap) = match WorkerAlerts::start(worker, config, generation, &ctx.runtime)? {
         Some((alerts, tap)) => (Some(alerts), Some(tap)),

@@ -15,6 +15,7 @@ use crate::context::IngestContext;
 use crate::envelope::Envelope;
 use crate::record::{decode, now_ms};
 use crate::sink::offsets::{Landmark, Landmarks};
+use crate::sink::watermarks::FnvWatermarks;
 use crate::stats::{KindLabels, Stats};
 use fleetflow_dataflows::Stop;
 
@@ -29,6 +30,8 @@ pub struct KafkaSource<'a> {
     landmarks: Arc<Landmarks>,
     /// Partitions whose landmark the current read call has noted.
     noted: Vec<i32>,
+    /// What a job of a version before schema 7 wrote: not handed over again.
+    fnv: FnvWatermarks,
 }
 
 impl<'a> KafkaSource<'a> {
@@ -39,6 +42,7 @@ impl<'a> KafkaSource<'a> {
         starts: &[(i32, StartOffset)],
         checked: &TopicCheck,
         landmarks: Arc<Landmarks>,
+        fnv: FnvWatermarks,
     ) -> anyhow::Result<Self> {
         let consumer = Consumer::open(&ctx.config.kafka, &ctx.config.group, ctx.config.cluster.workers, starts)?;
         let mut offsets = OffsetWatch::default();
@@ -47,7 +51,7 @@ impl<'a> KafkaSource<'a> {
         }
         let partitions: Vec<i32> = starts.iter().map(|(p, _)| *p).collect();
         let watch = PartitionWatch::new(ctx, worker, workers, &partitions, checked);
-        Ok(KafkaSource { ctx, consumer, offsets, watch, landmarks, noted: Vec::new() })
+        Ok(KafkaSource { ctx, consumer, offsets, watch, landmarks, noted: Vec::new(), fnv })
     }
 }
 
@@ -60,7 +64,7 @@ impl fleetflow_dataflows::PartitionReader for KafkaSource<'_> {
         let ctx = self.ctx;
         let now = now_ms();
         let arrived = Instant::now();
-        let (mut read, mut dead) = (0, 0);
+        let (mut read, mut dead, mut replayed) = (0, 0, 0);
         let mut error = None;
         self.noted.clear();
         loop {
@@ -78,11 +82,6 @@ impl fleetflow_dataflows::PartitionReader for KafkaSource<'_> {
             self.watch.message(message.partition(), arrived);
             let raw = message.payload().unwrap_or_default();
             let time_ms = message.timestamp().to_millis();
-            let decoded = decode(raw, message.key(), time_ms, now, &ctx.config.limits);
-            if let Err(e) = &decoded {
-                dead += 1;
-                ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();
-            }
             // Any message read below a committed offset can be its landmark: the first of each
             // partition in a read call will do, so only that one is hashed (epochs close
             // between read calls, so every commit has one below it).
@@ -91,6 +90,16 @@ impl fleetflow_dataflows::PartitionReader for KafkaSource<'_> {
                 self.landmarks.note(message.partition(), Landmark { offset: message.offset(), time_ms, hash });
                 self.noted.push(message.partition());
             }
+            if self.fnv.written(message.partition(), message.offset(), message.key(), raw) {
+                // Its offset still moves on with the others, so it is committed like them.
+                replayed += 1;
+                continue;
+            }
+            let decoded = decode(raw, message.key(), time_ms, now, &ctx.config.limits);
+            if let Err(e) = &decoded {
+                dead += 1;
+                ctx.stats.dead_letters_by_reason.get_or_create(&KindLabels { reason: e.kind().to_owned() }).inc();
+            }
             let envelope = Envelope::new(message.partition(), message.offset(), message.key(), raw, time_ms, decoded);
             read += 1;
             if !emit(envelope, time_ms) {
@@ -98,6 +107,7 @@ impl fleetflow_dataflows::PartitionReader for KafkaSource<'_> {
             }
         }
         Stats::add(&ctx.stats.dead_letters, dead);
+        Stats::add(&ctx.stats.replayed_skipped, replayed);
         if let Some(e) = error {
             self.consumer.note_error(&e);
         }

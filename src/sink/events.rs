@@ -115,6 +115,7 @@ pub async fn start_over(
     let tx = client.transaction().await?;
     super::fence::check(&tx, topic, generation).await?;
     tx.execute("DELETE FROM fleetflow_watermarks WHERE topic = $1", &[&topic]).await?;
+    tx.execute("DELETE FROM fleetflow_fnv_watermarks WHERE topic = $1", &[&topic]).await?;
     tx.execute("DELETE FROM fleetflow_offsets WHERE topic = $1", &[&topic]).await?;
     let partitions: Vec<i32> = starts.iter().map(|s| s.0).collect();
     let offsets: Vec<i64> = starts.iter().map(|s| s.1).collect();

@@ -93,6 +93,21 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
              ADD COLUMN landmark_hash bigint;",
     ),
     (6, "alerts: the episodes of the [[alert]] rules (alerts::sink)", crate::alerts::sink::MIGRATION),
+    (
+        7,
+        "key groups hash like Kafka's partitioner (murmur2); the FNV-1a watermarks move aside, frozen",
+        r#"
+    -- First fence off any job of an older version still running: the update waits for its
+    -- transaction in progress (which holds its generation FOR SHARE) and its next one finds
+    -- a newer generation and stops (sink::fence), so no FNV watermark is raised after the move.
+    UPDATE fleetflow_jobs SET generation = generation + 1;
+    -- The watermarks of the FNV-1a key groups, kept for the messages a job of an older
+    -- version wrote and a restart replays (sink::watermarks::FnvWatermarks).
+    CREATE TABLE fleetflow_fnv_watermarks (LIKE fleetflow_watermarks INCLUDING ALL);
+    INSERT INTO fleetflow_fnv_watermarks SELECT * FROM fleetflow_watermarks;
+    DELETE FROM fleetflow_watermarks;
+    "#,
+    ),
 ];
 
 /// The newest schema version this build knows.

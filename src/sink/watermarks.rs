@@ -6,6 +6,11 @@
 //! They are kept per key group, not per worker, so a run with another worker count still
 //! knows what was written (see docs/architecture.md). `plan` is the decision itself, pure
 //! and apart from the database so it can be tested on its own.
+//!
+//! Schema version 7 changed the key groups' hash (FNV-1a to Kafka's murmur2, see
+//! `partitioning`). The watermarks written before it moved, frozen, to
+//! `fleetflow_fnv_watermarks`: [`FnvWatermarks`] lets the reader drop a message replayed
+//! from before the upgrade that the older version had already written.
 
 use tokio_postgres::{Client, Transaction};
 
@@ -27,6 +32,63 @@ pub async fn load_watermarks(
         )
         .await?;
     Ok(rows.iter().map(|r| ((r.get::<_, i32>(0) as u16, r.get(1)), r.get(2))).collect())
+}
+
+/// The watermarks of a topic written under the FNV-1a key groups of schema versions before 7
+/// (`fleetflow_fnv_watermarks`, never raised again). A message at or below the highest of its
+/// partition's, which a job of the older version may have written, is checked against the
+/// watermark of the key group it had then; the messages above (all of them, once the first
+/// run after the upgrade commits past the old ones) cost one comparison.
+#[derive(Debug, Default)]
+pub struct FnvWatermarks {
+    /// partition -> (highest watermark, FNV key group -> watermark)
+    partitions: FastMap<i32, (i64, FastMap<u16, i64>)>,
+}
+
+impl FnvWatermarks {
+    pub async fn load(client: &Client, topic: &str) -> Result<Self, SinkError> {
+        let rows = client
+            .query("SELECT key_group, partition, last_offset FROM fleetflow_fnv_watermarks WHERE topic = $1", &[&topic])
+            .await?;
+        Ok(Self::from_rows(rows.iter().map(|r| (r.get::<_, i32>(0) as u16, r.get(1), r.get(2)))))
+    }
+
+    /// From (FNV key group, partition, last offset) rows.
+    pub fn from_rows(rows: impl IntoIterator<Item = (u16, i32, i64)>) -> Self {
+        let mut marks = FnvWatermarks::default();
+        for (group, partition, offset) in rows {
+            let (highest, groups) = marks.partitions.entry(partition).or_insert((-1, FastMap::default()));
+            *highest = (*highest).max(offset);
+            groups.insert(group, offset);
+        }
+        marks
+    }
+
+    /// Whether the message at `offset` of `partition` was written by a job of a version
+    /// before schema 7.
+    pub fn written(&self, partition: i32, offset: i64, key: Option<&[u8]>, value: &[u8]) -> bool {
+        match self.partitions.get(&partition) {
+            Some((highest, groups)) if offset <= *highest => {
+                let group = crate::partitioning::fnv_message_key_group(key, value, partition);
+                groups.get(&group).is_some_and(|last| offset <= *last)
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps only the partitions a reader starting at `starts` (partition -> first offset,
+    /// `None`: the earliest) may read at or below their highest old watermark.
+    pub fn keep_replays(&mut self, starts: &[(i32, Option<i64>)]) {
+        self.partitions.retain(|p, (highest, _)| match starts.iter().find(|s| s.0 == *p) {
+            Some((_, Some(start))) => *start <= *highest,
+            Some((_, None)) => true,
+            None => false,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.partitions.is_empty()
+    }
 }
 
 /// What a transaction will write once replayed messages are removed.
@@ -115,6 +177,31 @@ mod tests {
         assert_eq!(kept, vec![(1, 0, 6), (2, 0, 5)]);
         assert_eq!(plan.skipped, 2);
         assert_eq!(plan.watermarks, FastMap::from_iter([((1, 0), 6), ((2, 0), 5)]));
+    }
+
+    #[test]
+    fn a_message_replayed_from_before_the_upgrade_is_checked_against_its_fnv_watermark() {
+        let s1 = br#"{"serverId":"s1","cpu":1}"#;
+        let fnv_s1 = crate::partitioning::fnv_message_key_group(Some(b"s1"), s1, 0);
+        let other = (fnv_s1 + 1) % crate::partitioning::KEY_GROUPS;
+        let marks = FnvWatermarks::from_rows([(fnv_s1, 0, 10), (other, 0, 20), (fnv_s1, 1, 5)]);
+        assert!(marks.written(0, 10, Some(b"s1"), s1));
+        assert!(marks.written(0, 3, None, s1), "keyless: the body's serverId, as before");
+        assert!(!marks.written(0, 11, Some(b"s1"), s1), "above its own group's watermark");
+        assert!(!marks.written(0, 21, Some(b"s1"), s1));
+        assert!(marks.written(1, 5, Some(b"s1"), s1));
+        assert!(!marks.written(1, 6, Some(b"s1"), s1));
+        assert!(!marks.written(2, 0, Some(b"s1"), s1), "a partition with no old watermarks");
+        // Garbage without a serverId had its partition's key group then too.
+        let garbage = FnvWatermarks::from_rows([(0, 0, 7)]);
+        assert!(garbage.written(0, 7, None, b"\x00 not json"));
+        assert!(!garbage.written(0, 8, None, b"\x00 not json"));
+        assert!(FnvWatermarks::default().is_empty() && !marks.is_empty());
+        let mut kept = FnvWatermarks::from_rows([(1, 0, 20), (1, 1, 5), (1, 2, 9), (1, 3, 9)]);
+        kept.keep_replays(&[(0, Some(21)), (1, Some(5)), (2, None)]);
+        let mut partitions: Vec<i32> = kept.partitions.keys().copied().collect();
+        partitions.sort_unstable();
+        assert_eq!(partitions, [1, 2], "0 starts above its old watermarks, 3 is another reader's");
     }
 
     #[test]
