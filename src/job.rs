@@ -52,9 +52,6 @@ pub fn run(config: JobConfig) -> anyhow::Result<()> {
     if let (Some(retain), 0) = (config.sink.retain, config.cluster.process_id) {
         runtime.spawn(apply_retention(config.database.url.clone(), retain));
     }
-    if config.sink.rollups && config.cluster.process_id == 0 {
-        runtime.spawn(fold_rollups(config.database.url.clone(), config.sink.timeout));
-    }
     report.attach(stats.clone(), Instant::now());
     let reporter = Reporter::spawn(stats.clone(), config.report_interval, report.clone());
 
@@ -109,43 +106,6 @@ async fn prepare_database(config: &JobConfig) -> Result<(i32, bool), crate::sink
 }
 
 /// With `--retain`, process 0 drops raw chunks older than the retention every hour.
-/// Folds the pending minutes of the rollups about once a second (`sink::rollups::fold`). The
-/// view `metrics_1m` is exact whether or not this runs; folding keeps what it adds up small.
-async fn fold_rollups(url: String, timeout: Duration) {
-    let mut every = tokio::time::interval(crate::sink::rollups::FOLD_INTERVAL);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut client, mut failing) = (None, false);
-    loop {
-        every.tick().await;
-        if client.is_none() {
-            client = crate::sink::connect(&url).await.ok();
-        }
-        let Some(c) = client.as_mut() else { continue };
-        // A session that stops answering is dropped (its transaction dies with it).
-        let failure = match tokio::time::timeout(timeout, crate::sink::rollups::fold(c)).await {
-            Ok(Ok(rows)) => {
-                tracing::debug!(rows, "folded pending rollup minutes");
-                None
-            }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {}", humantime::format_duration(timeout))),
-        };
-        match (failure, failing) {
-            (Some(error), false) => {
-                // Once per outage: the writers report the database's state too.
-                tracing::warn!(%error, "folding the rollups failed (metrics_1m stays exact); trying again every second");
-                (client, failing) = (None, true);
-            }
-            (Some(_), true) => client = None,
-            (None, true) => {
-                tracing::info!("folding the rollups works again");
-                failing = false;
-            }
-            (None, false) => {}
-        }
-    }
-}
-
 async fn apply_retention(url: String, retain: Duration) {
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {

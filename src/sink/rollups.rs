@@ -1,27 +1,25 @@
 //! Per-minute rollups, maintained in the same transaction as the raw rows they summarise.
 //!
 //! Each write transaction folds the rows it writes (after the exactly-once filter) into
-//! per-(server, minute) partial aggregates and per-minute fleet histograms. Because the raw
-//! rows, the rollups and the watermarks commit together, a crash can never leave a rollup that
-//! disagrees with the raw table, a replayed record is never counted twice, and a late record
-//! simply updates its minute. No rollup state lives in the job's memory, so memory does not
-//! grow with the number of buckets, and there is no lateness bound: a record of any age inside
-//! `--max-age` updates its minute.
+//! per-(server, minute) partial aggregates and per-minute fleet histograms, and adds them to
+//! the stored ones with upserts. Because the raw rows, the rollups and the watermarks commit
+//! together, a crash can never leave a rollup that disagrees with the raw table, a replayed
+//! record is never counted twice, and a late record simply updates its minute. No rollup
+//! state lives in the job's memory, so memory does not grow with the number of buckets, and
+//! there is no lateness bound: a record of any age inside `--max-age` updates its minute.
 //!
-//! Tables and views: `metrics_1m` (view, per server and minute: count, sum, min, max, avg of
-//! cpu and ram, newest record time) adds up `metrics_1m_folded` and `metrics_1m_pending`
-//! (migration 8); `fleet_hist_1m` (per minute, metric and writing worker: one array of counts
-//! in 0.1-point bins over [0, 100]); `fleet_1m` (per minute: servers reporting, avg/max and
-//! p50/p95/p99 of cpu and ram; the percentiles are exact `percentile_disc` of the values
-//! rounded to 0.1, values outside [0, 100] counted at the nearest end); and `silent_servers`,
-//! derived from `metrics_1m`.
+//! Tables and views (migration 2): `metrics_1m` (per server and minute: count, sum, min,
+//! max, avg of cpu and ram, newest record time), `fleet_hist_1m` (per minute, metric and
+//! writing worker: one array of counts in 0.1-point bins over [0, 100]), `fleet_1m` (per
+//! minute: servers reporting, avg/max and p50/p95/p99 of cpu and ram; the percentiles are
+//! exact `percentile_disc` of the values rounded to 0.1, values outside [0, 100] counted at
+//! the nearest end), and `silent_servers`, derived from `metrics_1m`.
 //!
-//! What each transaction costs the database on the write path limits ingest speed (see the
-//! README's performance section). So a transaction only appends its minutes to
-//! `metrics_1m_pending` (no index, no upsert) and upserts one histogram array row per
-//! (minute, metric); [`fold`] (process 0, about once a second, off the write path) moves the
-//! pending minutes into `metrics_1m_folded` with one upsert per (server, minute), whose spare
-//! page room (fillfactor) lets the update stay on its page.
+//! What each transaction costs the database is what limits ingest speed (see the README's
+//! performance section), so the delta is shaped to need few row versions: one upsert per
+//! (server, minute) in `metrics_1m`, whose spare page room (fillfactor) lets the update stay
+//! on its page without touching the indexes, and one array row per (minute, metric) in the
+//! histogram instead of one row per bin.
 
 use tokio_postgres::Transaction;
 
@@ -105,10 +103,9 @@ impl<'a> RollupDelta<'a> {
         }
     }
 
-    /// Adds the delta to the stored rollups, inside the caller's transaction: the minutes are
-    /// appended to `metrics_1m_pending`, the histograms upserted. `shard` (the writing
-    /// worker) keeps concurrent writers off each other's histogram rows; those are upserted
-    /// in key order so concurrent transactions never deadlock.
+    /// Adds the delta to the stored rollups, inside the caller's transaction. `shard` (the
+    /// writing worker) keeps concurrent writers off each other's histogram rows; rows are
+    /// upserted in key order so concurrent transactions never deadlock.
     pub async fn apply(&self, tx: &Transaction<'_>, shard: i32) -> Result<(), SinkError> {
         if self.minutes.is_empty() {
             return Ok(());
@@ -120,7 +117,9 @@ impl<'a> RollupDelta<'a> {
         let mut lasts = Vec::with_capacity(self.minutes.len());
         let (mut cc, mut cs, mut cmin, mut cmax) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut rc, mut rs, mut rmin, mut rmax) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((server, minute), agg) in &self.minutes {
+        let mut minutes: Vec<_> = self.minutes.iter().collect();
+        minutes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for ((server, minute), agg) in minutes {
             servers.push(*server);
             buckets.push(ts(*minute));
             counts.push(agg.count);
@@ -136,12 +135,23 @@ impl<'a> RollupDelta<'a> {
             rmin.push(c);
             rmax.push(d);
         }
-        // Appended, not upserted: folding happens later and in bulk (`fold`).
         tx.execute(
-            "INSERT INTO metrics_1m_pending (server_id, bucket, count, last_time,
+            "INSERT INTO metrics_1m AS t (server_id, bucket, count, last_time,
                  cpu_count, cpu_sum, cpu_min, cpu_max, ram_count, ram_sum, ram_min, ram_max)
              SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int8[], $4::timestamptz[],
-                 $5::int8[], $6::float8[], $7::float8[], $8::float8[], $9::int8[], $10::float8[], $11::float8[], $12::float8[])",
+                 $5::int8[], $6::float8[], $7::float8[], $8::float8[], $9::int8[], $10::float8[], $11::float8[], $12::float8[])
+             -- A metric with no value yet stays NULL until one comes, as SQL's sum() does.
+             ON CONFLICT (server_id, bucket) DO UPDATE SET
+                 count = t.count + EXCLUDED.count,
+                 last_time = GREATEST(t.last_time, EXCLUDED.last_time),
+                 cpu_count = coalesce(t.cpu_count + EXCLUDED.cpu_count, t.cpu_count, EXCLUDED.cpu_count),
+                 cpu_sum = coalesce(t.cpu_sum + EXCLUDED.cpu_sum, t.cpu_sum, EXCLUDED.cpu_sum),
+                 cpu_min = LEAST(t.cpu_min, EXCLUDED.cpu_min),
+                 cpu_max = GREATEST(t.cpu_max, EXCLUDED.cpu_max),
+                 ram_count = coalesce(t.ram_count + EXCLUDED.ram_count, t.ram_count, EXCLUDED.ram_count),
+                 ram_sum = coalesce(t.ram_sum + EXCLUDED.ram_sum, t.ram_sum, EXCLUDED.ram_sum),
+                 ram_min = LEAST(t.ram_min, EXCLUDED.ram_min),
+                 ram_max = GREATEST(t.ram_max, EXCLUDED.ram_max)",
             &[&servers, &buckets, &counts, &lasts, &cc, &cs, &cmin, &cmax, &rc, &rs, &rmin, &rmax],
         )
         .await?;
@@ -163,135 +173,8 @@ impl<'a> RollupDelta<'a> {
     }
 }
 
-/// The per-minute fleet view over `metrics_1m` (migration 2, and again in 8 when
-/// `metrics_1m` became a view).
-macro_rules! fleet_1m_view {
-    () => {
-        r#"
-    CREATE VIEW fleet_1m AS
-    SELECT bucket,
-           count(*)                                   AS servers,
-           sum(count)::bigint                         AS reports,
-           sum(cpu_sum) / NULLIF(sum(cpu_count), 0)   AS cpu_avg,
-           max(cpu_max)                               AS cpu_max,
-           fleetflow_percentile(bucket, 'cpu', 0.50)  AS cpu_p50,
-           fleetflow_percentile(bucket, 'cpu', 0.95)  AS cpu_p95,
-           fleetflow_percentile(bucket, 'cpu', 0.99)  AS cpu_p99,
-           sum(ram_sum) / NULLIF(sum(ram_count), 0)   AS ram_avg,
-           max(ram_max)                               AS ram_max,
-           fleetflow_percentile(bucket, 'ram', 0.50)  AS ram_p50,
-           fleetflow_percentile(bucket, 'ram', 0.95)  AS ram_p95,
-           fleetflow_percentile(bucket, 'ram', 0.99)  AS ram_p99
-    FROM metrics_1m GROUP BY bucket;
-
-"#
-    };
-}
-
-/// Servers gone quiet, derived from `metrics_1m` (migration 2, and again in 8).
-macro_rules! silent_servers_view {
-    () => {
-        r#"
-    -- Servers whose newest record is within the last hour but older than silent_after.
-    -- Derived from metrics_1m, so ingest keeps no separate last-seen table.
-    CREATE VIEW silent_servers AS
-    SELECT server_id, max(last_time) AS last_seen, now() - max(last_time) AS silent_for
-    FROM metrics_1m WHERE bucket > now() - interval '61 minutes'
-    GROUP BY server_id
-    HAVING max(last_time) > now() - interval '1 hour'
-       AND max(last_time) < now() - coalesce(
-           (SELECT value::interval FROM fleetflow_settings WHERE key = 'silent_after'), interval '30 seconds');
-"#
-    };
-}
-
-/// How often process 0 of a job folds the pending minutes into `metrics_1m_folded`.
-pub const FOLD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Arbitrary, fixed key of the advisory lock that lets one fold run at a time (several jobs
-/// may write one database).
-const FOLD_LOCK: i64 = 0x666c_666f_6c64;
-
-/// Moves every pending minute into `metrics_1m_folded`, adding up the parts of each (server,
-/// minute): one statement, so a reader of `metrics_1m` sees each part either pending or
-/// folded, never both or neither. Returns the pending rows folded (0 when another fold holds
-/// the lock).
-pub async fn fold(client: &mut tokio_postgres::Client) -> Result<u64, SinkError> {
-    let tx = client.transaction().await?;
-    let locked: bool = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&FOLD_LOCK]).await?.get(0);
-    if !locked {
-        return Ok(0);
-    }
-    let row = tx
-        .query_one(
-            "WITH moved AS (DELETE FROM metrics_1m_pending RETURNING *),
-             folded AS (
-                 INSERT INTO metrics_1m_folded AS t (server_id, bucket, count, last_time,
-                     cpu_count, cpu_sum, cpu_min, cpu_max, ram_count, ram_sum, ram_min, ram_max)
-                 SELECT server_id, bucket, sum(count), max(last_time),
-                     sum(cpu_count), sum(cpu_sum), min(cpu_min), max(cpu_max),
-                     sum(ram_count), sum(ram_sum), min(ram_min), max(ram_max)
-                 FROM moved GROUP BY server_id, bucket ORDER BY server_id, bucket
-                 -- NULL (no value of the metric yet) stays NULL until a value comes, as in SQL's sum().
-                 ON CONFLICT (server_id, bucket) DO UPDATE SET
-                     count = t.count + EXCLUDED.count,
-                     last_time = GREATEST(t.last_time, EXCLUDED.last_time),
-                     cpu_count = coalesce(t.cpu_count + EXCLUDED.cpu_count, t.cpu_count, EXCLUDED.cpu_count),
-                     cpu_sum = coalesce(t.cpu_sum + EXCLUDED.cpu_sum, t.cpu_sum, EXCLUDED.cpu_sum),
-                     cpu_min = LEAST(t.cpu_min, EXCLUDED.cpu_min),
-                     cpu_max = GREATEST(t.cpu_max, EXCLUDED.cpu_max),
-                     ram_count = coalesce(t.ram_count + EXCLUDED.ram_count, t.ram_count, EXCLUDED.ram_count),
-                     ram_sum = coalesce(t.ram_sum + EXCLUDED.ram_sum, t.ram_sum, EXCLUDED.ram_sum),
-                     ram_min = LEAST(t.ram_min, EXCLUDED.ram_min),
-                     ram_max = GREATEST(t.ram_max, EXCLUDED.ram_max)
-                 RETURNING 1)
-             SELECT (SELECT count(*) FROM moved)",
-            &[],
-        )
-        .await?;
-    tx.commit().await?;
-    Ok(row.get::<_, i64>(0) as u64)
-}
-
-/// Migration 8: the minutes are appended per transaction and folded in bulk.
-pub const MIGRATION_FOLD: &str = concat!(
-    r#"
-    -- What each write transaction adds, one row per (server, minute) it wrote: appended, with
-    -- no index to maintain. Folded into metrics_1m_folded about once a second (sink::rollups).
-    CREATE TABLE metrics_1m_pending (
-        server_id text        NOT NULL,
-        bucket    timestamptz NOT NULL,
-        count     bigint      NOT NULL,
-        last_time timestamptz NOT NULL,
-        cpu_count bigint, cpu_sum double precision, cpu_min double precision, cpu_max double precision,
-        ram_count bigint, ram_sum double precision, ram_min double precision, ram_max double precision
-    );
-    DROP VIEW silent_servers;
-    DROP VIEW fleet_1m;
-    ALTER TABLE metrics_1m RENAME TO metrics_1m_folded;
-
-    -- Per server and minute: the folded part and the pending parts added up, so it is exact
-    -- at every moment, whenever the last fold ran.
-    CREATE VIEW metrics_1m AS
-    SELECT server_id, bucket,
-           sum(count)::bigint AS count, max(last_time) AS last_time,
-           sum(cpu_count)::bigint AS cpu_count, sum(cpu_sum) AS cpu_sum, min(cpu_min) AS cpu_min, max(cpu_max) AS cpu_max,
-           sum(ram_count)::bigint AS ram_count, sum(ram_sum) AS ram_sum, min(ram_min) AS ram_min, max(ram_max) AS ram_max,
-           sum(cpu_sum) / NULLIF(sum(cpu_count), 0) AS cpu_avg,
-           sum(ram_sum) / NULLIF(sum(ram_count), 0) AS ram_avg
-    FROM (SELECT server_id, bucket, count, last_time, cpu_count, cpu_sum, cpu_min, cpu_max,
-                 ram_count, ram_sum, ram_min, ram_max FROM metrics_1m_folded
-          UNION ALL
-          SELECT * FROM metrics_1m_pending) parts
-    GROUP BY server_id, bucket;
-"#,
-    fleet_1m_view!(),
-    silent_servers_view!()
-);
-
 /// Migration 2: the rollup tables and views.
-pub const MIGRATION: &str = concat!(
-    r#"
+pub const MIGRATION: &str = r#"
     -- Updates of a minute's row find room on its page (fillfactor), so they stay
     -- heap-only and leave the indexes alone; chunks take the setting from the hypertable.
     CREATE TABLE metrics_1m (
@@ -328,18 +211,38 @@ pub const MIGRATION: &str = concat!(
         WHERE cumulative >= q * total ORDER BY i LIMIT 1
     $$;
 
-"#,
-    fleet_1m_view!(),
-    r#"
+    CREATE VIEW fleet_1m AS
+    SELECT bucket,
+           count(*)                                   AS servers,
+           sum(count)::bigint                         AS reports,
+           sum(cpu_sum) / NULLIF(sum(cpu_count), 0)   AS cpu_avg,
+           max(cpu_max)                               AS cpu_max,
+           fleetflow_percentile(bucket, 'cpu', 0.50)  AS cpu_p50,
+           fleetflow_percentile(bucket, 'cpu', 0.95)  AS cpu_p95,
+           fleetflow_percentile(bucket, 'cpu', 0.99)  AS cpu_p99,
+           sum(ram_sum) / NULLIF(sum(ram_count), 0)   AS ram_avg,
+           max(ram_max)                               AS ram_max,
+           fleetflow_percentile(bucket, 'ram', 0.50)  AS ram_p50,
+           fleetflow_percentile(bucket, 'ram', 0.95)  AS ram_p95,
+           fleetflow_percentile(bucket, 'ram', 0.99)  AS ram_p99
+    FROM metrics_1m GROUP BY bucket;
+
     -- Settings the job sets on start for the views (silent_after: --silent-after).
     CREATE TABLE fleetflow_settings (
         key   text PRIMARY KEY,
         value text NOT NULL
     );
 
-"#,
-    silent_servers_view!()
-);
+    -- Servers whose newest record is within the last hour but older than silent_after.
+    -- Derived from metrics_1m, so ingest keeps no separate last-seen table.
+    CREATE VIEW silent_servers AS
+    SELECT server_id, max(last_time) AS last_seen, now() - max(last_time) AS silent_for
+    FROM metrics_1m WHERE bucket > now() - interval '61 minutes'
+    GROUP BY server_id
+    HAVING max(last_time) > now() - interval '1 hour'
+       AND max(last_time) < now() - coalesce(
+           (SELECT value::interval FROM fleetflow_settings WHERE key = 'silent_after'), interval '30 seconds');
+"#;
 
 /// Sets the `silent_after` threshold the `silent_servers` view reads (the view is fixed SQL,
 /// so several processes starting at once never race on DDL).

@@ -108,11 +108,6 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     DELETE FROM fleetflow_watermarks;
     "#,
     ),
-    (
-        8,
-        "rollups: minutes appended to metrics_1m_pending and folded in bulk; metrics_1m a view of both",
-        super::rollups::MIGRATION_FOLD,
-    ),
 ];
 
 /// The newest schema version this build knows.
