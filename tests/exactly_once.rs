@@ -91,10 +91,17 @@ fn natural_key_dedup_drops_repeated_reports() {
     let db = &stack.db;
     assert_eq!(db.scalar("SELECT count(*) FROM metrics"), unique);
     assert_eq!(db.scalar("SELECT count(*) FROM (SELECT DISTINCT server_id, time FROM metrics) d"), unique);
+    // The rollups count only the rows that were new: per server and minute, what SQL counts.
+    let rollup_mismatches = "SELECT count(*) FROM metrics_1m r FULL JOIN (
+            SELECT server_id, time_bucket('1 minute', time) AS bucket, count(*) AS n, count(cpu) AS cpu_n, max(cpu) AS cpu_max
+            FROM metrics GROUP BY 1, 2) s USING (server_id, bucket)
+        WHERE r.count IS DISTINCT FROM s.n OR coalesce(r.cpu_count, 0) IS DISTINCT FROM s.cpu_n OR r.cpu_max IS DISTINCT FROM s.cpu_max";
+    assert_eq!(db.scalar(rollup_mismatches), 0, "rollups counted a duplicate (or missed a row)");
     // Without the flag the index stays in force: a second run over the same topic adds nothing.
     // (Forgetting the progress bookkeeping makes the second run re-read everything.)
     db.execute("DELETE FROM fleetflow_offsets; DELETE FROM fleetflow_watermarks");
     let mut again = Job::start(&stack, "again", 1, 2, &["--exit-when-idle", "2s"]);
     again.wait_success(Duration::from_secs(120));
     assert_eq!(db.scalar("SELECT count(*) FROM metrics"), unique);
+    assert_eq!(db.scalar(rollup_mismatches), 0, "the second run's refused rows reached the rollups");
 }

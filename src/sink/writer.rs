@@ -37,15 +37,15 @@ use super::watermarks::{load_watermarks, plan, raise_watermarks};
 use super::{backoff, connect_as, is_data_error, FastMap, SinkError};
 use crate::alerts::window::{AlertTap, CommittedMinutes};
 use crate::envelope::{DeadLetter, Envelope, Item};
-use crate::record::Metric;
 use crate::stats::Stats;
 
 /// Per connection, for `--dedup natural-key`: rows go here first, then into metrics
 /// unless their (server_id, time) is already there.
 const CREATE_STAGING: &str = "CREATE TEMP TABLE fleetflow_staging (LIKE metrics) ON COMMIT DELETE ROWS";
+/// Returns where each new row came from: the rows themselves are in the writer's hands.
 const INSERT_FROM_STAGING: &str =
     "INSERT INTO metrics SELECT * FROM fleetflow_staging ON CONFLICT (server_id, time) DO NOTHING \
-     RETURNING server_id, time, cpu, ram, extra";
+     RETURNING kafka_partition, kafka_offset";
 
 /// What a writer needs to know.
 #[derive(Clone, Debug)]
@@ -258,9 +258,10 @@ impl Writer {
         within(t, super::fence::check(&tx, &settings.topic, settings.generation)).await?;
         let copy = if settings.natural_key { COPY_STAGING } else { COPY_METRICS };
         // Rows the database refused (only when isolating), and with --dedup natural-key the
-        // rows that were new: only those count, in the rows and in the rollups.
+        // positions of the rows that were new: only those count, in the rows, the rollups and
+        // the alert rules.
         let mut refused: Vec<(&Envelope, String)> = Vec::new();
-        let mut inserted: Vec<Metric> = Vec::new();
+        let mut inserted: Positions = Positions::default();
         if isolate {
             for batch in &plan.batches {
                 write_isolating(&tx, t, copy, settings.natural_key, batch, &mut refused, &mut inserted).await?;
@@ -269,27 +270,28 @@ impl Writer {
             let rows: Vec<&Envelope> = plan.batches.iter().flatten().copied().collect();
             within(t, copy_batch(&tx, copy, &rows)).await?;
             if settings.natural_key && plan.rows > 0 {
-                inserted = within(t, tx.query(INSERT_FROM_STAGING, &[])).await?.iter().map(inserted_metric).collect();
+                inserted.extend(within(t, tx.query(INSERT_FROM_STAGING, &[])).await?.iter().map(position));
             }
         }
-        let refused_positions: fnv::FnvHashSet<(i32, i64)> =
-            refused.iter().map(|(e, _)| (e.partition, e.offset)).collect();
+        let refused_positions: Positions = refused.iter().map(|(e, _)| (e.partition, e.offset)).collect();
+        let natural_key = settings.natural_key;
         // Almost always nothing was refused: then no row pays for a lookup.
         let written = |env: &&&Envelope| {
             refused_positions.is_empty() || !refused_positions.contains(&(env.partition, env.offset))
         };
-        let rows = if settings.natural_key { inserted.len() as u64 } else { plan.rows - refused.len() as u64 };
+        // What counts: written and, with --dedup natural-key, new.
+        let counted =
+            |env: &&&Envelope| written(env) && (!natural_key || inserted.contains(&(env.partition, env.offset)));
+        let new_metrics = || {
+            plan.batches.iter().flatten().filter(counted).filter_map(|env| match &env.item {
+                Item::Metric(m) => Some(m),
+                Item::DeadLetter(_) => None,
+            })
+        };
+        let rows = if natural_key { inserted.len() as u64 } else { plan.rows - refused.len() as u64 };
         let mut rollup = RollupDelta::default();
         if settings.rollups {
-            if settings.natural_key {
-                inserted.iter().for_each(|m| rollup.add(m));
-            } else {
-                for env in plan.batches.iter().flatten().filter(written) {
-                    if let Item::Metric(m) = &env.item {
-                        rollup.add(m);
-                    }
-                }
-            }
+            new_metrics().for_each(|m| rollup.add(m));
         }
         // Each connection of each worker has its own histogram shard.
         let shard = (settings.worker * settings.connections + settings.connection) as i32;
@@ -324,16 +326,7 @@ impl Writer {
         // What the alert rules read: the rows this transaction writes (folded before the
         // commit, while the rows are borrowed; handed over once it committed, or once the
         // next attempt finds that a commit which failed without an answer landed).
-        let committed_minutes = settings.alerts.as_ref().map(|tap| {
-            if settings.natural_key {
-                tap.fold(&inserted)
-            } else {
-                tap.fold(plan.batches.iter().flatten().filter(written).filter_map(|env| match &env.item {
-                    Item::Metric(m) => Some(m),
-                    Item::DeadLetter(_) => None,
-                }))
-            }
-        });
+        let committed_minutes = settings.alerts.as_ref().map(|tap| tap.fold(new_metrics()));
         if let Err(e) = within(t, tx.commit()).await {
             self.uncertain = committed_minutes.map(|minutes| (minutes, plan.watermarks));
             return Err(e);
@@ -393,7 +386,7 @@ async fn write_isolating<'a>(
     natural_key: bool,
     batch: &[&'a Envelope],
     refused: &mut Vec<(&'a Envelope, String)>,
-    inserted: &mut Vec<Metric>,
+    inserted: &mut Positions,
 ) -> Result<(), SinkError> {
     let mut parts = vec![batch];
     while let Some(part) = parts.pop() {
@@ -402,7 +395,7 @@ async fn write_isolating<'a>(
             within(t, copy_batch(tx, copy, part)).await?;
             if natural_key {
                 let new = within(t, tx.query(INSERT_FROM_STAGING, &[])).await?;
-                let new: Vec<Metric> = new.iter().map(inserted_metric).collect();
+                let new: Vec<(i32, i64)> = new.iter().map(position).collect();
                 within(t, tx.batch_execute("DELETE FROM fleetflow_staging")).await?;
                 return Ok(new);
             }
@@ -452,22 +445,10 @@ fn describe(e: &SinkError) -> String {
     }
 }
 
-/// A row `INSERT_FROM_STAGING` returned, as what the rollups fold in.
-fn inserted_metric(row: &tokio_postgres::Row) -> Metric {
-    Metric {
-        server_id: row.get::<_, &str>(0).into(),
-        time_us: row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros(),
-        cpu: row.get(2),
-        ram: row.get(3),
-        // The alert rules may read extra fields; the rollups do not.
-        extra: row
-            .get::<_, Option<serde_json::Value>>(4)
-            .and_then(|v| match v {
-                serde_json::Value::Object(fields) => {
-                    Some(fields.into_iter().filter_map(|(k, v)| Some((k.into(), v.as_f64()?))).collect())
-                }
-                _ => None,
-            })
-            .unwrap_or_default(),
-    }
+/// (partition, offset) of rows: where they came from in Kafka.
+type Positions = fnv::FnvHashSet<(i32, i64)>;
+
+/// A row `INSERT_FROM_STAGING` returned: the position of a new row.
+fn position(row: &tokio_postgres::Row) -> (i32, i64) {
+    (row.get(0), row.get(1))
 }
