@@ -39,16 +39,10 @@ pub fn run_worker(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Result<()
     // Then: do the committed offsets still fit the topic? (a barrier: see topic_watch)
     let checked = check_topic(worker, ctx, generation)?;
     let partitions = owned_partitions(index, peers, ctx.partitions);
-    let starts = resolve_starts(config, &partitions, &ctx.runtime, &checked)?;
+    let (starts, fnv) = resolve_starts(config, &partitions, &ctx.runtime, &checked)?;
     tracing::info!(worker = index, ?partitions, ?starts, "worker starting");
     // A message read below each committed offset, stored with it (kafka::landmarks).
     let landmarks = Arc::new(Landmarks::default());
-    let mut fnv = ctx.runtime.block_on(async {
-        FnvWatermarks::load(&crate::sink::connect(&config.database.url).await?, &config.kafka.topic).await
-    })?;
-    fnv.keep_replays(
-        &starts.iter().map(|(p, s)| (*p, if let StartOffset::At(o) = s { Some(*o) } else { None })).collect::<Vec<_>>(),
-    );
     if !fnv.is_empty() {
         tracing::info!(
             worker = index,
@@ -164,15 +158,22 @@ fn agree_on_generation(worker: &mut Worker, ctx: &IngestContext) -> anyhow::Resu
 /// Where each owned partition starts: the committed offset (past what retention deleted), or
 /// `--start` on the job's very first run (any other partition without a committed offset
 /// was added to the topic later: earliest). A `latest` start is pinned in the database
-/// first, so a crash before the first commit cannot move it.
+/// first, so a crash before the first commit cannot move it. Also returns the old
+/// watermarks (`FnvWatermarks`) of the messages those starts may read again.
 fn resolve_starts(
     config: &JobConfig,
     partitions: &[i32],
     runtime: &tokio::runtime::Handle,
     checked: &TopicCheck,
-) -> anyhow::Result<Vec<(i32, StartOffset)>> {
+) -> anyhow::Result<(Vec<(i32, StartOffset)>, FnvWatermarks)> {
     let (url, topic) = (&config.database.url, &config.kafka.topic);
-    let committed = runtime.block_on(async { load_offsets(&crate::sink::connect(url).await?, topic).await })?;
+    let (committed, mut fnv) = runtime.block_on(async {
+        let client = crate::sink::connect(url).await?;
+        Ok::<_, crate::sink::SinkError>((
+            load_offsets(&client, topic).await?,
+            FnvWatermarks::load(&client, topic).await?,
+        ))
+    })?;
     let mut starts = Vec::new();
     let mut to_pin = Vec::new();
     for &p in partitions {
@@ -200,7 +201,10 @@ fn resolve_starts(
             }
         }
     }
-    Ok(starts)
+    fnv.keep_replays(
+        &starts.iter().map(|(p, s)| (*p, if let StartOffset::At(o) = s { Some(*o) } else { None })).collect::<Vec<_>>(),
+    );
+    Ok((starts, fnv))
 }
 
 /// The epoch writer of one database connection: a handle on its writer task.
