@@ -333,8 +333,8 @@ pub struct RunArgs {
     /// Longest time an epoch with records stays open.
     #[arg(long, env = "FLEETFLOW_EPOCH_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     pub epoch_interval: Duration,
-    /// Epochs a source may run ahead of what is durable; with --epoch-records this bounds
-    /// the records buffered per source worker (backpressure).
+    /// Closed epochs a source worker may hold that are not yet durable; with
+    /// --epoch-records this bounds the records it buffers (backpressure).
     #[arg(long, env = "FLEETFLOW_MAX_EPOCHS_IN_FLIGHT", default_value_t = 64)]
     pub max_epochs_in_flight: u64,
     /// Most rows in one binary COPY batch.

@@ -57,10 +57,13 @@ impl Collector for StatsCollector {
         }
         let durable = Stats::get(&s.durable_epoch) as i64;
         let newest = Stats::get(&s.newest_epoch) as i64;
-        let gauges: [(&str, &str, i64); 7] = [
-            ("durable_epoch", "Highest epoch durable everywhere", durable),
-            ("newest_epoch", "Highest epoch a source of this process has opened", newest),
-            ("frontier_lag_epochs", "Epochs between the newest and the durable frontier", (newest - durable).max(0)),
+        let gauges: [(&str, &str, i64); 6] = [
+            ("durable_epoch", "Highest epoch durable everywhere (microseconds since the Unix epoch)", durable),
+            (
+                "newest_epoch",
+                "Highest epoch a source of this process has opened (microseconds since the Unix epoch)",
+                newest,
+            ),
             ("consumer_lag", "Messages behind the partition ends, this process's partitions", s.lag.load(Relaxed)),
             ("backpressured", "1 while a source waits for the database to catch up", s.backpressured.any() as i64),
             (
@@ -78,6 +81,16 @@ impl Collector for StatsCollector {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
+        // Epochs are stamped with the clock, so their distance is a time. Before the first
+        // epoch closes the durable one is 0: no distance yet.
+        let behind = if durable > 0 { (newest - durable).max(0) as f64 / 1e6 } else { 0.0 };
+        let gauge = ConstGauge::new(behind);
+        gauge.encode(encoder.encode_descriptor(
+            "frontier_lag_seconds",
+            "How far the durable frontier is behind the newest open epoch, in seconds",
+            None,
+            gauge.metric_type(),
+        )?)?;
         Ok(())
     }
 }

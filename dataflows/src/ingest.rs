@@ -10,10 +10,17 @@
 //! turn ([`Ingest::turn`]) commits what became durable, reads unless backpressured, closes or
 //! advances the epoch, runs the reader's periodic checks, and steps the dataflow.
 //!
-//! Backpressure: a source runs at most `max_epochs_in_flight` epochs ahead of the durable
-//! frontier, and holds at most `max_bytes_in_flight` bytes of records not yet durable. A
-//! source with nothing to read moves its epoch up to that bound, so an idle partition (or a
-//! worker without partitions) never holds the frontier back.
+//! Epochs are stamped with the wall clock: an epoch closes into the next one at
+//! `max(epoch + 1, now)`, in microseconds since the Unix epoch, and a source with nothing to
+//! read moves its epoch up to now once per epoch interval. The durable frontier is the least
+//! epoch of every worker, so epochs numbered by each worker's own count would let a worker
+//! that closed more of them (a burst, a busier partition) wait on the others' counts: up to
+//! the in-flight bound, seconds of latency on a machine with cores to spare. On the clock,
+//! every worker's epochs stand for the same moments, in every process (clocks kept in step
+//! by NTP; a skewed clock costs latency, never correctness: epochs only order records).
+//!
+//! Backpressure: a source holds at most `max_epochs_in_flight` closed epochs and
+//! `max_bytes_in_flight` bytes of records not yet durable.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -37,7 +44,7 @@ pub struct IngestSettings {
     /// ... or this long after its first record. Also how often an idle source moves its
     /// epoch out of the frontier's way.
     pub epoch_interval: Duration,
-    /// Epochs a source may run ahead of the durable frontier.
+    /// Closed epochs a source may hold that are not yet durable.
     pub max_epochs_in_flight: u64,
     /// Bytes of records this worker may hold until they are durable.
     pub max_bytes_in_flight: usize,
@@ -195,9 +202,9 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
         let s = &self.settings;
         self.observer.epochs(durable.saturating_sub(1), *self.input.time());
 
-        // Read, unless this source is as far ahead of the durable frontier as allowed, in
-        // epochs or in bytes.
-        let may_read = *self.input.time() < durable.saturating_add(s.max_epochs_in_flight)
+        // Read, unless this source holds as much not yet durable as allowed, in epochs or
+        // in bytes.
+        let may_read = (self.source.closed.len() as u64) < s.max_epochs_in_flight
             && self.source.bytes_in_flight() < s.max_bytes_in_flight;
         if self.held_back == may_read {
             self.held_back = !may_read;
@@ -225,14 +232,13 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
             || (source.in_epoch > 0 && source.opened.elapsed() >= s.epoch_interval)
         {
             self.close_epoch();
-        } else if source.in_epoch == 0
-            && read == 0
-            && *self.input.time() <= durable
-            && source.opened.elapsed() >= s.epoch_interval
-        {
-            // Idle and holding the frontier back: move out of the way, up to the in-flight
-            // bound, at most once per epoch interval (an idle worker must not spin).
-            self.input.advance_to(durable.saturating_add(s.max_epochs_in_flight - 1));
+        } else if source.in_epoch == 0 && read == 0 && source.opened.elapsed() >= s.epoch_interval {
+            // Idle: keep up with the clock, so the other workers' epochs are not held back,
+            // at most once per epoch interval (each move is news to every worker).
+            let now = clock_epoch();
+            if now > *self.input.time() {
+                self.input.advance_to(now);
+            }
             source.opened = Instant::now();
         }
 
@@ -299,8 +305,13 @@ impl<R: PartitionReader, C: OffsetCommitter, O: Observer> Ingest<R, C, O> {
     fn close_epoch(&mut self) {
         let epoch = *self.input.time();
         self.source.close_epoch(epoch, self.reader.next_offsets());
-        self.input.advance_to(epoch + 1);
+        self.input.advance_to((epoch + 1).max(clock_epoch()));
     }
+}
+
+/// The epoch of this moment: microseconds since the Unix epoch (see the module's comment).
+fn clock_epoch() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Runs one worker until `shutdown` is set or, with `exit_when_idle`, until its partitions

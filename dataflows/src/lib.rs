@@ -40,11 +40,12 @@
 //!   is lost; what was durable but not committed is read again and the writers' watermarks
 //!   drop it. (The crate's `promises` tests, one per promise, with a property test over random
 //!   schedules of reads, completions and crashes; `cargo test -p fleetflow-dataflows`.)
-//! - **An idle partition never holds the frontier back**: a source with nothing to read
-//!   moves its epoch up to the in-flight bound.
-//! - **Bounded memory**: a source runs at most `max_epochs_in_flight` epochs and
-//!   `max_bytes_in_flight` bytes ahead of the durable frontier, then stops reading (and asks
-//!   its reader to stop fetching).
+//! - **No worker waits on another's epoch count**: epochs are stamped with the wall clock,
+//!   so every worker's epochs stand for the same moments, and a source with nothing to read
+//!   (an idle partition, a worker without partitions) keeps its epoch up with the clock.
+//! - **Bounded memory**: a source holds at most `max_epochs_in_flight` closed epochs and
+//!   `max_bytes_in_flight` bytes not yet durable, then stops reading (and asks its reader to
+//!   stop fetching).
 //! - **One writer per key group**: every process computes the same [`routing`], so each
 //!   (key group, partition) is written in offset order by exactly one writer, which is what
 //!   its watermark relies on.

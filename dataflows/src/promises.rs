@@ -231,6 +231,47 @@ fn an_idle_worker_never_holds_the_frontier_back() {
     assert_eq!(db.violations(), Vec::<String>::new());
 }
 
+/// Epochs stand for moments, not for each worker's count of them: a worker that closed many
+/// epochs (a burst) does not wait until a busy neighbour has closed as many.
+#[test]
+fn a_worker_that_closed_many_epochs_does_not_wait_for_another_to_close_as_many() {
+    let (topic, db) = (FakeTopic::new(2), FakeDatabase::completing());
+    topic.produce(0, 200);
+    let burst_read = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let (t, d) = (topic.clone(), db.clone());
+    let guards = timely::execute(timely::Config::process(2), move |worker| {
+        let partition = worker.index() as i32;
+        // One record per epoch, and no epoch moves by the clock alone during the test: only
+        // closing epochs moves a worker's time.
+        let s = IngestSettings { epoch_interval: Duration::from_secs(3600), ..settings(1, 1_000, 1) };
+        let mut ingest = start(worker, s, &t, &d, &[partition]);
+        let mut turn = 0;
+        while !done.load(Ordering::SeqCst) {
+            ingest.turn(worker).expect("the fake reader never stops the worker");
+            turn += 1;
+            if worker.index() == 0 && next_offset(&ingest, 0) == 200 && !burst_read.swap(true, Ordering::SeqCst) {
+                // Worker 0 has closed 200 epochs; worker 1 now reads one record.
+                t.produce(1, 1);
+            }
+            if worker.index() == 0 && (d.committed().get(&0) == Some(&200) || turn > 20_000) {
+                done.store(true, Ordering::SeqCst);
+            }
+        }
+        drop(ingest);
+        crash(worker);
+    })
+    .expect("timely starts");
+    guards.join().into_iter().for_each(|r| r.expect("worker"));
+    assert_eq!(db.committed().get(&1), Some(&1), "worker 1 read and committed its record");
+    assert_eq!(
+        db.committed().get(&0),
+        Some(&200),
+        "worker 0's 200 epochs waited for worker 1, which closed {} epoch(s)",
+        db.committed().get(&1).copied().unwrap_or(0)
+    );
+    assert_eq!(db.violations(), Vec::<String>::new());
+}
 #[test]
 fn finishing_writes_the_open_epoch_and_commits_everything_read() {
     let (topic, db) = (FakeTopic::new(2), FakeDatabase::completing());
