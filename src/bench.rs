@@ -603,6 +603,30 @@ impl Drop for ScratchDatabase {
     }
 }
 
+/// Waits until the processes' logs say `workers` workers started reading (connected,
+/// fenced, topic checked); fails if a process exits first or a minute passes.
+fn wait_for_workers(children: &mut [(std::process::Child, PathBuf, PathBuf)], workers: usize) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let started: usize = children
+            .iter()
+            .map(|(_, log, _)| std::fs::read_to_string(log).unwrap_or_default().matches("worker starting").count())
+            .sum();
+        if started >= workers {
+            return Ok(());
+        }
+        for (child, log, _) in children.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                bail!("job process exited ({status}) before its workers started; see {}", log.display());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the job's {workers} workers did not all start within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Runs the job as `shape` ("PxW") and returns each process's final summary
 /// (`--summary-json`). With `steady`, the loadgen runs alongside and the job is stopped with
 /// SIGTERM after it.
@@ -653,6 +677,14 @@ fn run_job(
         children.push((cmd.spawn()?, log, summary));
     }
     if let Some(loadgen) = steady {
+        // Steady state, not start-up: produce once every worker has started reading.
+        if let Err(e) = wait_for_workers(&mut children, processes * workers) {
+            for (child, _, _) in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            return Err(e);
+        }
         crate::loadgen::produce(loadgen, &AtomicBool::new(false))?;
         std::thread::sleep(Duration::from_secs(2));
         for (child, _, _) in &children {
