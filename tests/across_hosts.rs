@@ -149,6 +149,17 @@ fn three_processes_on_three_hosts_lose_and_repeat_nothing_when_one_host_s_proces
         assert_eq!(status.code(), Some(3), "process {i}: exit code 3, a peer was lost\n{}", first.log_tail());
     }
 
+    // A process that ended mid-commit leaves its database session to finish the commit: what
+    // was written before the restart is known once the first job's sessions are gone.
+    let tag = fleetflow::sink::fence::session_tag(&stack.topic);
+    let sessions = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{tag}' AND datname = current_database()"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stack.db.scalar(&sessions) > 0 {
+        assert!(std::time::Instant::now() < deadline, "the first job's database sessions did not end within a minute");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let before_restart = stack.db.metric_rows();
     let mut second = start_job(&stack, &hosts, "second", &["--exit-when-idle", "2s"]);
     second.wait_success(Duration::from_secs(180));
