@@ -151,12 +151,8 @@ fn three_processes_on_three_hosts_lose_and_repeat_nothing_when_one_host_s_proces
 
     // A process that ended mid-commit leaves its database session to finish the commit: what
     // was written before the restart is known once the first job's sessions are gone.
-    let tag = fleetflow::sink::fence::session_tag(&stack.topic);
-    let sessions = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{tag}' AND datname = current_database()"
-    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while stack.db.scalar(&sessions) > 0 {
+    while !stack.job_sessions().is_empty() {
         assert!(std::time::Instant::now() < deadline, "the first job's database sessions did not end within a minute");
         std::thread::sleep(Duration::from_millis(100));
     }

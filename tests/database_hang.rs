@@ -18,20 +18,6 @@ fn healthz(listen: &str) -> String {
     })
 }
 
-/// The backends of the job's sessions (they carry the job's application name).
-fn job_sessions(stack: &Stack) -> Vec<i32> {
-    let tag = fleetflow::sink::fence::session_tag(&stack.topic);
-    stack
-        .db
-        .pairs(&format!(
-            "SELECT pid, 0::bigint FROM pg_stat_activity WHERE application_name = '{tag}' \
-             AND datname = current_database()"
-        ))
-        .into_iter()
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
 fn signal(pids: &[i32], name: &str) {
     for pid in pids {
         let _ = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status();
@@ -53,7 +39,7 @@ fn a_hung_database_session_is_detected_replaced_and_nothing_is_lost_or_doubled()
     stack.wait_for_rows(1, Duration::from_secs(60), &mut job);
 
     // Freeze every session of the job mid-stream, as a hung server would be.
-    let frozen = job_sessions(&stack);
+    let frozen = stack.job_sessions();
     assert!(!frozen.is_empty());
     signal(&frozen, "STOP");
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -280,6 +280,19 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// The backends of the job's database sessions (they carry the job's application name).
+    pub fn job_sessions(&self) -> Vec<i32> {
+        let tag = fleetflow::sink::fence::session_tag(&self.topic);
+        self.db
+            .pairs(&format!(
+                "SELECT pid, 0::bigint FROM pg_stat_activity WHERE application_name = '{tag}' \
+                 AND datname = current_database()"
+            ))
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
     /// A fresh in-memory broker with the topic, and a fresh database on the shared server.
     pub fn start(name: &str, partitions: i32) -> Stack {
         let dir = test_dir(name);
