@@ -16,8 +16,9 @@
 //! epoch of every worker, so epochs numbered by each worker's own count would let a worker
 //! that closed more of them (a burst, a busier partition) wait on the others' counts: up to
 //! the in-flight bound, seconds of latency on a machine with cores to spare. On the clock,
-//! every worker's epochs stand for the same moments, in every process (clocks kept in step
-//! by NTP; a skewed clock costs latency, never correctness: epochs only order records).
+//! every worker's epochs stand for the same moments, in every process. Clocks must be kept in
+//! step (NTP): a skewed clock costs latency, never correctness (epochs only order records),
+//! but a host whose clock is behind by X holds every worker's epochs back by X.
 //!
 //! Backpressure: a source holds at most `max_epochs_in_flight` closed epochs and
 //! `max_bytes_in_flight` bytes of records not yet durable.
